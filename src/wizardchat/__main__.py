@@ -1,0 +1,5 @@
+"""`python -m wizardchat`."""
+
+from wizardchat.cli import main
+
+main()

@@ -1,0 +1,388 @@
+"""The `wizardchat` command: parse flags, build the objects, call in; the one error boundary.
+
+Heavy modules (llama_cpp, numpy, huggingface_hub, prompt_toolkit, rich) are imported inside
+the commands that need them, so `wizardchat --help` starts about as fast as Python itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from wizardchat import __version__
+from wizardchat.errors import ExitCode, NoModelError, UsageError, WizardchatError
+from wizardchat.settings import Settings, field_help, load_settings
+
+if TYPE_CHECKING:
+    from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.session import ChatSession
+
+app = typer.Typer(
+    name="wizardchat",
+    help="Chat with WizardLM-2 8x22B in your terminal, on llama.cpp.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # typer's rich help costs ~150 ms of start-up
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+_state = _State()
+
+MODEL = "Model"
+LLAMA = "llama.cpp"
+SAMPLING = "Sampling"
+
+
+def _o(*names: str, name: str, panel: str = LLAMA, **kw: Any) -> Any:
+    return typer.Option(*names, help=field_help(name), rich_help_panel=panel, **kw)
+
+
+# Options shared by `ask` and `run`, spelled as llama.cpp spells them.
+ModelOpt = Annotated[str | None, _o("--model", "-m", name="model", panel=MODEL, metavar="PATH")]
+CtxOpt = Annotated[int | None, _o("--ctx-size", "-c", name="ctx_size")]
+NglOpt = Annotated[int | None, _o("--n-gpu-layers", "-ngl", name="n_gpu_layers")]
+ThreadsOpt = Annotated[int | None, _o("--threads", "-t", name="threads")]
+BatchOpt = Annotated[int | None, _o("--batch-size", "-b", name="batch_size")]
+UbatchOpt = Annotated[int | None, _o("--ubatch-size", "-ub", name="ubatch_size")]
+FlashOpt = Annotated[str | None, _o("--flash-attn", "-fa", name="flash_attn", metavar="on|off|auto")]
+CtkOpt = Annotated[str | None, _o("--cache-type-k", "-ctk", name="cache_type_k", metavar="TYPE")]
+CtvOpt = Annotated[str | None, _o("--cache-type-v", "-ctv", name="cache_type_v", metavar="TYPE")]
+MlockOpt = Annotated[bool | None, _o("--mlock", name="mlock")]
+MmapOpt = Annotated[bool | None, _o("--mmap/--no-mmap", name="mmap")]
+CpuMoeOpt = Annotated[bool | None, _o("--cpu-moe", "-cmoe", name="cpu_moe")]
+NCpuMoeOpt = Annotated[int | None, _o("--n-cpu-moe", "-ncmoe", name="n_cpu_moe", metavar="N")]
+OtOpt = Annotated[
+    list[str] | None, _o("--override-tensor", "-ot", name="override_tensor", metavar="REGEX=BUFFER")
+]
+SystemOpt = Annotated[str | None, _o("--system", name="system", panel=MODEL, metavar="TEXT")]
+TempOpt = Annotated[float | None, _o("--temperature", "--temp", name="temperature", panel=SAMPLING)]
+TopPOpt = Annotated[float | None, _o("--top-p", name="top_p", panel=SAMPLING)]
+TopKOpt = Annotated[int | None, _o("--top-k", name="top_k", panel=SAMPLING)]
+MinPOpt = Annotated[float | None, _o("--min-p", name="min_p", panel=SAMPLING)]
+RepeatOpt = Annotated[float | None, _o("--repeat-penalty", name="repeat_penalty", panel=SAMPLING)]
+SeedOpt = Annotated[int | None, _o("--seed", "-s", name="seed", panel=SAMPLING)]
+MaxTokOpt = Annotated[int | None, _o("--max-tokens", "-n", name="max_tokens", panel=SAMPLING)]
+VerboseOpt = Annotated[bool | None, _o("--verbose", "-v", name="verbose", panel=MODEL)]
+VerbosePromptOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose-prompt",
+        help="Before each reply, print the exact prompt and its token count to stderr.",
+        rich_help_panel=MODEL,
+    ),
+]
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def _settings(flags: dict[str, Any]) -> Settings:
+    if flags.get("override_tensor") == []:
+        flags["override_tensor"] = None
+    settings = load_settings(flags)
+    if settings.model_path is None:
+        raise NoModelError(
+            "no model given: pass --model PATH (a .gguf file or its first shard), "
+            "or set WIZARDCHAT_MODEL or 'model' in config.toml"
+        )
+    return settings
+
+
+@contextmanager
+def _llama_log(settings: Settings) -> Iterator[IO[str]]:
+    """llama.cpp's log: stderr with --verbose, else a file in the log directory."""
+    if settings.verbose:
+        yield sys.stderr
+        return
+    from wizardchat import paths
+
+    path = paths.llama_log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write the llama.cpp log {path}: {e.strerror}") from None
+    with f:
+        f.write(f"\n=== wizardchat {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
+        yield f
+
+
+@contextmanager
+def _engine(settings: Settings, verbose_prompt: bool) -> Iterator[tuple[LlamaEngine, ChatSession]]:
+    """Load the model with its log open; free it before the log closes (freeing logs too)."""
+    with _llama_log(settings) as log:
+        engine = _open_engine(settings, log)
+        try:
+            yield engine, _session(engine, settings, verbose_prompt)
+        finally:
+            engine.close()
+            from wizardchat.engine.model import route_llama_log
+
+            route_llama_log(None)
+
+
+def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
+    from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.render import LoadProgress
+
+    assert settings.model_path is not None
+    bar = LoadProgress(sys.stderr, settings.model_path.name) if sys.stderr.isatty() else None
+    try:
+        engine = LlamaEngine(settings, progress=bar, log=log)
+    finally:
+        if bar:
+            bar.done()
+    plan = engine.load_plan
+    if plan.ctx_capped:
+        n_train = engine.info.arch_value("context_length", 0)
+        _err(f"context: {plan.n_ctx} tokens (the model's {n_train} capped to fit memory; -c sets it)")
+    if settings.cache_type_v not in ("f32", "f16", "bf16") and settings.flash_attn == "off":
+        _err("flash attention turned on: llama.cpp needs it for a quantized V cache")
+    return engine
+
+
+def _show_prompt(text: str, n_tokens: int) -> None:
+    _err(f"--- prompt: {n_tokens} tokens ---\n{text}\n--- end of prompt ---")
+
+
+def _session(engine: LlamaEngine, settings: Settings, verbose_prompt: bool) -> ChatSession:
+    from wizardchat.session import ChatSession
+
+    return ChatSession(
+        engine,
+        system=settings.system,
+        max_tokens=settings.max_tokens,
+        notify=_err,
+        show_prompt=_show_prompt if verbose_prompt else None,
+    )
+
+
+def _read_stdin_text() -> str:
+    """All of stdin, with invalid UTF-8 replaced rather than fatal."""
+    return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+
+
+def _stdin_lines() -> Iterator[str]:
+    for raw in sys.stdin.buffer:
+        yield raw.decode("utf-8", errors="replace")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wizardchat {__version__}")
+        raise typer.Exit()
+
+
+def _guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """The one error boundary: every failure becomes one stderr line and a documented exit code.
+
+    typer.Exit subclasses RuntimeError, so it is re-raised before the catch-all.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except WizardchatError as e:
+            if _state.debug:
+                raise
+            _err(f"wizardchat: error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if _state.debug:
+                raise
+            _err("\nwizardchat: interrupted")
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            raise typer.Exit(ExitCode.OK) from None
+        except Exception as e:
+            if _state.debug:
+                raise
+            _err(f"wizardchat: unexpected error: {type(e).__name__}: {e} (--debug shows details)")
+            raise typer.Exit(ExitCode.ERROR) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    _state.debug = debug
+
+
+@app.command()
+@_guarded
+def ask(
+    prompt: Annotated[str | None, typer.Argument(help="The question; piped stdin comes first.")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the reply and its stats.")
+    ] = False,
+    verbose_prompt: VerbosePromptOpt = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    ctx_size: CtxOpt = None,
+    n_gpu_layers: NglOpt = None,
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+    ubatch_size: UbatchOpt = None,
+    flash_attn: FlashOpt = None,
+    cache_type_k: CtkOpt = None,
+    cache_type_v: CtvOpt = None,
+    mlock: MlockOpt = None,
+    mmap: MmapOpt = None,
+    cpu_moe: CpuMoeOpt = None,
+    n_cpu_moe: NCpuMoeOpt = None,
+    override_tensor: OtOpt = None,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    verbose: VerboseOpt = None,
+) -> None:
+    """Answer one prompt and exit; the reply streams to stdout, everything else to stderr."""
+    flags = {k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")}
+    piped = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin_text().strip()
+    parts = [p for p in (piped, (prompt or "").strip()) if p]
+    if not parts:
+        raise UsageError('nothing to ask: give a prompt (wizardchat ask "...") or pipe text in')
+    text = "\n\n".join(parts)
+    settings = _settings(flags)
+    with _engine(settings, verbose_prompt) as (engine, session):
+        if json_output:
+            reply = "".join(session.send(text))
+            last = session.last
+            assert last is not None
+            record = {
+                "reply": reply,
+                "model": engine.model_name,
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "evaluated_tokens": last.evaluated_tokens,
+                "finish": last.finish,
+                "timings": last.timings,
+            }
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            from wizardchat.render import stream_plain
+
+            reply = stream_plain(session.send(text), sys.stdout)
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@app.command()
+@_guarded
+def run(
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help='Batch mode: stdin lines are {"prompt": ...} objects.')
+    ] = False,
+    verbose_prompt: VerbosePromptOpt = False,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    ctx_size: CtxOpt = None,
+    n_gpu_layers: NglOpt = None,
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+    ubatch_size: UbatchOpt = None,
+    flash_attn: FlashOpt = None,
+    cache_type_k: CtkOpt = None,
+    cache_type_v: CtvOpt = None,
+    mlock: MlockOpt = None,
+    mmap: MmapOpt = None,
+    cpu_moe: CpuMoeOpt = None,
+    n_cpu_moe: NCpuMoeOpt = None,
+    override_tensor: OtOpt = None,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    verbose: VerboseOpt = None,
+) -> None:
+    """Chat. With stdin piped, each line is a user turn (batch mode); replies go to stdout."""
+    flags = {k: v for k, v in locals().items() if k not in ("jsonl", "verbose_prompt")}
+    settings = _settings(flags)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    with _engine(settings, verbose_prompt) as (_, session):
+        if interactive and not jsonl:
+            _simple_chat(session)
+            return
+        from wizardchat import batch
+
+        runner = batch.run_jsonl if jsonl else batch.run_lines
+        result = runner(session, _stdin_lines(), sys.stdout, _err)
+        if result.failed:
+            raise typer.Exit(ExitCode.USAGE)
+
+
+def _simple_chat(session: ChatSession) -> None:
+    """A minimal line-by-line chat on a terminal: Ctrl-C stops a reply, Ctrl-D or /bye exits."""
+    from wizardchat.render import stream_plain
+
+    _err("wizardchat: type a message; Ctrl-C stops a reply, Ctrl-D or /bye exits")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            return
+        if line.strip() in ("/bye", "/exit"):
+            return
+        if not line.strip():
+            continue
+        try:
+            stream_plain(session.send(line), sys.stdout)
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n\n")
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`| head`): point stdout at /dev/null so exit does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main() -> None:
+    """Entry point (the console script and `python -m wizardchat`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

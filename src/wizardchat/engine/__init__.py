@@ -1,0 +1,1 @@
+"""The only package that imports llama_cpp: loading, expert placement and token generation."""

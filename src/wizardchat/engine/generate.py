@@ -1,0 +1,134 @@
+"""The token stream of one reply: prefix reuse, incremental detokenization, stop, cancel, timings."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from wizardchat.engine.model import CountingLlama
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampler settings for one reply (llama.cpp's names and meanings)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+
+
+@dataclass
+class GenerationStats:
+    """What one reply cost; filled in while the stream runs."""
+
+    prompt_tokens: int = 0
+    evaluated_tokens: int = 0  # prompt tokens the KV cache lacked and llama.cpp evaluated
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0  # from the call to the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+    finish: str = ""  # "eos", "length", "stop" or "interrupted"
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second after the first one."""
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def timings(self) -> dict[str, float]:
+        """The timing figures as plain numbers (for --json)."""
+        prompt_tps = self.evaluated_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        return {
+            "prompt_seconds": round(self.prompt_seconds, 4),
+            "prompt_tokens_per_second": round(prompt_tps, 2),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+        }
+
+
+class PieceDecoder:
+    """Turns token ids into text one token at a time: each token decoded once, O(1) per token.
+
+    Byte-fallback tokens can split one UTF-8 character over several tokens; the incremental
+    decoder carries the incomplete bytes to the next piece instead of emitting U+FFFD.
+    """
+
+    def __init__(self, llm: CountingLlama) -> None:
+        self._vocab = llm._model.vocab
+        self._buf = ctypes.create_string_buffer(256)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (special tokens give b"")."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:  # buffer too small: grow once and retry
+            self._buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, -n, 0, False)
+        return self._buf.raw[:n]
+
+    def decode(self, token: int) -> str:
+        """Text completed by this token (may be '' while a character is still incomplete)."""
+        return self._utf8.decode(self.piece_bytes(token))
+
+
+@dataclass
+class TokenStream:
+    """Generates one reply's tokens for a full prompt; iterate it for (token id, text) pairs."""
+
+    llm: CountingLlama
+    prompt: Sequence[int]
+    sampling: Sampling
+    max_tokens: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        llm, s, stats = self.llm, self.sampling, self.stats
+        stats.prompt_tokens = len(self.prompt)
+        decoder = PieceDecoder(llm)
+        evaluated_before = llm.evaluated_tokens
+        start = time.perf_counter()
+        first_at = start
+        stats.finish = "length"
+        # Llama.generate keeps the longest common prefix of the KV cache and evaluates the rest.
+        tokens = llm.generate(
+            self.prompt,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            temp=s.temperature,
+            repeat_penalty=s.repeat_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if stats.completion_tokens == 0:
+                    first_at = now
+                    stats.prompt_seconds = now - start
+                    stats.evaluated_tokens = llm.evaluated_tokens - evaluated_before
+                stats.decode_seconds = now - first_at
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                    stats.finish = "eos"
+                    break
+                stats.completion_tokens += 1
+                yield token, decoder.decode(token)
+                if self.cancel.is_set():
+                    stats.finish = "interrupted"
+                    break
+                if stats.completion_tokens >= self.max_tokens:
+                    break
+        except (KeyboardInterrupt, GeneratorExit):
+            # Ctrl-C inside llama.cpp's eval, or the consumer stopped reading: either way the
+            # reply ends here, and the KV cache stays valid for the tokens it holds.
+            stats.finish = "interrupted"
+            raise
+        finally:
+            tokens.close()

@@ -1,0 +1,89 @@
+"""ctypes bindings to the ggml backend API in the shared libraries shipped with llama_cpp."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+DEV_TYPE_CPU = 0
+
+
+@functools.cache
+def libggml() -> Any:
+    """libggml (the backend registry; it links libggml-base), loaded once."""
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    lib = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
+    vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    signatures: dict[str, tuple[list[Any], Any]] = {
+        "ggml_backend_dev_count": ([], sz),
+        "ggml_backend_dev_get": ([sz], vp),
+        "ggml_backend_dev_by_type": ([ctypes.c_int], vp),
+        "ggml_backend_dev_type": ([vp], ctypes.c_int),
+        "ggml_backend_dev_name": ([vp], cp),
+        "ggml_backend_dev_description": ([vp], cp),
+        "ggml_backend_dev_buffer_type": ([vp], vp),
+        "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        "ggml_backend_buft_name": ([vp], cp),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+@dataclass(frozen=True)
+class Device:
+    """One ggml backend device (CPU, a GPU, an RPC server...)."""
+
+    handle: int
+    name: str
+    description: str
+    kind: str
+    buffer_type: str
+    free_bytes: int
+    total_bytes: int
+
+
+def devices() -> list[Device]:
+    """All devices the ggml backends registered, in llama.cpp's order."""
+    lib = libggml()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        buft = lib.ggml_backend_dev_buffer_type(dev)
+        found.append(
+            Device(
+                handle=dev,
+                name=lib.ggml_backend_dev_name(dev).decode(),
+                description=lib.ggml_backend_dev_description(dev).decode(),
+                kind=DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?"),
+                buffer_type=lib.ggml_backend_buft_name(buft).decode() if buft else "",
+                free_bytes=free.value,
+                total_bytes=total.value,
+            )
+        )
+    return found
+
+
+def buffer_types() -> dict[str, int]:
+    """Buffer type name -> ggml_backend_buffer_type_t, the names `-ot REGEX=BUFFER` accepts."""
+    lib = libggml()
+    found: dict[str, int] = {}
+    for i in range(lib.ggml_backend_dev_count()):
+        buft = lib.ggml_backend_dev_buffer_type(lib.ggml_backend_dev_get(i))
+        if buft:
+            found[lib.ggml_backend_buft_name(buft).decode()] = buft
+    return found
+
+
+def has_gpu() -> bool:
+    """Whether a GPU (dedicated or integrated) backend device is present."""
+    return any(d.kind in ("GPU", "IGPU") for d in devices())

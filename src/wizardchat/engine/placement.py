@@ -1,0 +1,86 @@
+"""MoE expert placement: llama.cpp's --cpu-moe / --n-cpu-moe / -ot as tensor_buft_overrides.
+
+llama-cpp-python 0.3.36 declares `llama_model_params.tensor_buft_overrides` as an unused
+c_void_p and has no parameter for it, so wizardchat builds the C array itself: a NULL-terminated
+array of `{const char *pattern; ggml_backend_buffer_type_t buft;}`. llama.cpp applies the first
+pattern that `std::regex_search`es a tensor's name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from wizardchat.errors import UsageError
+
+# llama.cpp common/common.h LLM_FFN_EXPS_REGEX: the merged expert tensors of any layer.
+EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+CPU_BUFFER = "CPU"
+# ECMAScript std::regex rejects these Python-only constructs; catch them here, not in C++.
+_PYTHON_ONLY_SYNTAX = re.compile(r"\(\?(P|<[=!]?|#|[aiLmsux])")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Tensors whose name matches `pattern` go to the buffer type named `buffer`."""
+
+    pattern: str
+    buffer: str
+
+
+def expert_overrides(cpu_moe: bool, n_cpu_moe: int) -> list[Override]:
+    """The overrides that --cpu-moe and --n-cpu-moe N stand for, spelled as llama.cpp does."""
+    if cpu_moe:
+        return [Override(EXPERTS_REGEX, CPU_BUFFER)]
+    return [Override(rf"blk\.{i}{EXPERTS_REGEX}", CPU_BUFFER) for i in range(n_cpu_moe)]
+
+
+def parse_override(text: str) -> Override:
+    """Parse one `-ot REGEX=BUFFER` value; a bad regex is a UsageError."""
+    pattern, sep, buffer = text.rpartition("=")
+    if not sep or not pattern or not buffer:
+        raise UsageError(f"--override-tensor {text!r}: expected REGEX=BUFFER, e.g. exps=CPU")
+    if _PYTHON_ONLY_SYNTAX.search(pattern):
+        raise UsageError(f"--override-tensor {text!r}: llama.cpp regexes have no (?...) groups")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--override-tensor {text!r}: invalid regex ({e})") from None
+    return Override(pattern, buffer)
+
+
+def plan_overrides(
+    override_tensor: Sequence[str], cpu_moe: bool, n_cpu_moe: int
+) -> list[Override]:
+    """All overrides in llama.cpp's order of precedence: explicit -ot first, then the MoE flags."""
+    return [parse_override(t) for t in override_tensor] + expert_overrides(cpu_moe, n_cpu_moe)
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+class OverrideArray:
+    """The C array for llama_model_params.tensor_buft_overrides; keep it alive with the model."""
+
+    def __init__(self, overrides: Sequence[Override], buffers: dict[str, int]) -> None:
+        self.overrides = list(overrides)
+        # The pattern bytes must outlive the array: llama.cpp reads them while loading.
+        self._patterns = [o.pattern.encode() for o in self.overrides]
+        self._array = (_BuftOverride * (len(self.overrides) + 1))()
+        for i, (o, pattern) in enumerate(zip(self.overrides, self._patterns, strict=True)):
+            if o.buffer not in buffers:
+                raise UsageError(
+                    f"unknown buffer type '{o.buffer}' in {o.pattern}={o.buffer}; "
+                    f"available here: {', '.join(sorted(buffers)) or 'none'}"
+                )
+            self._array[i].pattern = pattern
+            self._array[i].buft = buffers[o.buffer]
+        # The last element stays zeroed: the NULL pattern that ends the list.
+
+    @property
+    def address(self) -> int | None:
+        """Pointer to pass in the params, or None (NULL) when there are no overrides."""
+        return ctypes.addressof(self._array) if self.overrides else None

@@ -1,0 +1,54 @@
+"""Typed errors and the documented exit codes; only cli.py turns them into output."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of the `wizardchat` command (documented in the README)."""
+
+    OK = 0
+    ERROR = 1  # anything unexpected (run with --debug for the traceback)
+    USAGE = 2  # a bad flag, value, config file or input line
+    NO_MODEL = 3  # no model configured, or the path does not exist
+    BAD_MODEL = 4  # the file is not a loadable GGUF (pointer, truncated, shard missing, ...)
+    LOAD_FAILED = 5  # llama.cpp refused to load the model or create the context
+    CONTEXT = 6  # a message does not fit in the context window
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+class WizardchatError(Exception):
+    """An error with a one-line message meant for the user and an exit code."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class UsageError(WizardchatError):
+    """A bad option value, config file or input."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NoModelError(WizardchatError):
+    """No model was given, or the given path does not exist."""
+
+    exit_code = ExitCode.NO_MODEL
+
+
+class BadModelError(WizardchatError):
+    """The model file exists but is not a complete, supported GGUF."""
+
+    exit_code = ExitCode.BAD_MODEL
+
+
+class LoadError(WizardchatError):
+    """llama.cpp could not load the model or create a context for it."""
+
+    exit_code = ExitCode.LOAD_FAILED
+
+
+class ContextError(WizardchatError):
+    """A message is too long for the context window."""
+
+    exit_code = ExitCode.CONTEXT

@@ -1,0 +1,206 @@
+"""A chat session: send text, stream the reply's text, and record the turn when it ends."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wizardchat.conversation import Conversation, Turn
+
+
+class Stats(Protocol):
+    """The engine's per-reply figures the session reports."""
+
+    prompt_tokens: int
+    evaluated_tokens: int
+    completion_tokens: int
+    finish: str
+
+    def timings(self) -> dict[str, float]: ...
+
+
+class TokenStreamLike(Protocol):
+    """An iterable of (token id, text) pairs with stats filled in as it runs."""
+
+    stats: Stats
+
+    def __iter__(self) -> Iterator[tuple[int, str]]: ...
+
+
+class ChatEngine(Protocol):
+    """What the session needs from a loaded model."""
+
+    bos: int
+    eos: int
+    n_ctx: int
+    model_name: str
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def stream(
+        self, prompt: Sequence[int], max_tokens: int, cancel: threading.Event
+    ) -> TokenStreamLike: ...
+
+
+# The model starting a user turn of its own: "USER:" at the start or after whitespace.
+STOP = "USER:"
+_STOP_RE = re.compile(r"(?<!\S)USER:")
+
+
+class StopScanner:
+    """Holds back text that may be the start of `USER:` until it is sure, and finds the stop."""
+
+    def __init__(self) -> None:
+        self.text = ""  # everything released so far
+        self.pending: list[tuple[int, str]] = []
+        self.stopped = False
+
+    def push(self, token: int, piece: str) -> list[tuple[int, str]]:
+        """Add one token; return the tokens now safe to show (none after the stop)."""
+        self.pending.append((token, piece))
+        held = "".join(p for _, p in self.pending)
+        full = self.text + held
+        base = len(self.text)
+        m = _STOP_RE.search(full, max(0, base - 1))
+        if m:
+            self.stopped = True
+            return self._release_until(m.start() - base)
+        return self._release_until(self._hold_from(full) - base)
+
+    def flush(self) -> list[tuple[int, str]]:
+        """Release everything held (the stream ended without a stop)."""
+        return self._release_until(None)
+
+    @staticmethod
+    def _hold_from(full: str) -> int:
+        """Index where a possible unfinished `USER:` begins (len(full) when there is none)."""
+        for k in range(min(len(STOP) - 1, len(full)), 0, -1):
+            start = len(full) - k
+            if STOP.startswith(full[start:]) and (start == 0 or full[start - 1].isspace()):
+                return start
+        return len(full)
+
+    def _release_until(self, limit: int | None) -> list[tuple[int, str]]:
+        out, used = [], 0
+        while self.pending:
+            token, piece = self.pending[0]
+            if limit is not None and used + len(piece) > limit:
+                break
+            used += len(piece)
+            out.append(self.pending.pop(0))
+        self.text += "".join(p for _, p in out)
+        if self.stopped:
+            self.pending.clear()
+        return out
+
+
+@dataclass
+class TurnResult:
+    """The outcome of one `send`: the reply and what it cost."""
+
+    prompt: str
+    reply: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    evaluated_tokens: int = 0
+    seconds: float = 0.0
+    finish: str = ""
+    evicted_turns: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ChatSession:
+    """A WizardLM-2 conversation on one engine; `send` streams a reply and records the turn."""
+
+    def __init__(
+        self,
+        engine: ChatEngine,
+        *,
+        system: str,
+        max_tokens: int = -1,
+        notify: Callable[[str], None] = lambda message: None,
+        show_prompt: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_tokens = max_tokens
+        self.notify = notify
+        self.show_prompt = show_prompt
+        self.cancel_event = threading.Event()
+        self.last: TurnResult | None = None
+        self.conversation = self._new_conversation(system)
+
+    def _new_conversation(self, system: str) -> Conversation:
+        e = self.engine
+        return Conversation(system=system, tokenize=e.tokenize, bos=e.bos, eos=e.eos, n_ctx=e.n_ctx)
+
+    def reset(self, system: str | None = None) -> None:
+        """Start a new conversation, with a new system prompt if given."""
+        self.conversation = self._new_conversation(
+            self.conversation.system if system is None else system
+        )
+
+    def cancel(self) -> None:
+        """Stop the reply being generated after the current token (safe from other threads)."""
+        self.cancel_event.set()
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to `text` as text chunks; the turn is recorded however it ends."""
+        conv = self.conversation
+        turn = conv.new_turn(text)
+        evicted = conv.make_room(turn, self.max_tokens)
+        if evicted:
+            self.notify(
+                f"context full: dropped the {evicted} oldest turn{'s' if evicted > 1 else ''} "
+                f"({len(conv.turns)} kept)"
+            )
+        prompt = conv.prompt(turn)
+        if self.show_prompt:
+            self.show_prompt(conv.text(turn), len(prompt))
+        self.cancel_event.clear()
+        stream = self.engine.stream(
+            prompt, conv.max_reply_tokens(turn, self.max_tokens), self.cancel_event
+        )
+        result = TurnResult(prompt=text, evicted_turns=evicted)
+        self.last = result
+        return self._run(turn, stream, result)
+
+    def _run(self, turn: Turn, stream: TokenStreamLike, result: TurnResult) -> Iterator[str]:
+        scanner = StopScanner()
+        shown: list[str] = []
+        start = time.perf_counter()
+        try:
+            for token, piece in stream:
+                yield from self._show(scanner.push(token, piece), turn, shown)
+                if scanner.stopped:
+                    break
+            else:
+                yield from self._show(scanner.flush(), turn, shown)
+            result.finish = "stop" if scanner.stopped else stream.stats.finish
+        finally:
+            # Runs on normal end, on Ctrl-C inside the engine, and when the consumer closes us.
+            if not result.finish:
+                result.finish = "interrupted"
+            turn.reply = "".join(shown)
+            turn.interrupted = result.finish == "interrupted"
+            self.conversation.close(turn)
+            stats = stream.stats
+            result.reply = turn.reply
+            result.prompt_tokens = stats.prompt_tokens
+            result.completion_tokens = len(turn.reply_tokens)
+            result.evaluated_tokens = stats.evaluated_tokens
+            result.seconds = time.perf_counter() - start
+            result.timings = stats.timings()
+
+    @staticmethod
+    def _show(released: Iterable[tuple[int, str]], turn: Turn, shown: list[str]) -> Iterator[str]:
+        for token, piece in released:
+            turn.reply_tokens.append(token)
+            if not shown and piece.startswith(" "):
+                piece = piece[1:]  # the space SPM puts before the first word is not reply text
+            if piece:
+                shown.append(piece)
+                yield piece

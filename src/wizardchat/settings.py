@@ -1,0 +1,189 @@
+"""One frozen settings object: defaults < config.toml < WIZARDCHAT_* env < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wizardchat.errors import UsageError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# llama.cpp's names for KV cache types (common/arg.cpp kv_cache_types) -> ggml_type ids.
+KV_CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "iq4_nl": 20,
+    "bf16": 30,
+}
+FLASH_ATTN_CHOICES = ("auto", "on", "off")
+ENV_PREFIX = "WIZARDCHAT_"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes a wizardchat run; build it with `load_settings`."""
+
+    model: str | None = _opt(None, "Path of the GGUF model (a .gguf file or its first shard).")
+    ctx_size: int = _opt(0, "Context size in tokens; 0 = the model's, capped to what fits memory.")
+    n_gpu_layers: int = _opt(-1, "Layers to offload to the GPU; -1 = all when a GPU exists.")
+    threads: int = _opt(0, "CPU threads for generation; 0 = the number of physical cores.")
+    batch_size: int = _opt(2048, "Logical batch size for prompt processing (llama.cpp -b).")
+    ubatch_size: int = _opt(512, "Physical batch size for prompt processing (llama.cpp -ub).")
+    flash_attn: str = _opt("auto", "Flash attention: on, off or auto.")
+    cache_type_k: str = _opt("f16", "KV cache type for K: " + ", ".join(KV_CACHE_TYPES) + ".")
+    cache_type_v: str = _opt("f16", "KV cache type for V (quantized V forces flash attention).")
+    mlock: bool = _opt(False, "Lock the model in RAM so it is never swapped out.")
+    mmap: bool = _opt(True, "Memory-map the model file instead of reading it in.")
+    cpu_moe: bool = _opt(False, "Keep all MoE expert tensors in system RAM.")
+    n_cpu_moe: int = _opt(0, "Keep the MoE expert tensors of the first N layers in system RAM.")
+    override_tensor: tuple[str, ...] = _opt((), "Tensor buffer overrides, REGEX=BUFFER each.")
+    system: str = _opt(DEFAULT_SYSTEM_PROMPT, "System prompt (default: WizardLM-2's own).")
+    temperature: float = _opt(0.8, "Sampling temperature; 0 = greedy.")
+    top_p: float = _opt(0.95, "Top-p (nucleus) sampling; 1.0 disables.")
+    top_k: int = _opt(40, "Top-k sampling; 0 disables.")
+    min_p: float = _opt(0.05, "Min-p sampling; 0 disables.")
+    repeat_penalty: float = _opt(1.0, "Repetition penalty; 1.0 disables.")
+    seed: int = _opt(-1, "Random seed; -1 = a new one each run.")
+    max_tokens: int = _opt(-1, "Longest reply in tokens; -1 = until the model stops or the context is full.")
+    verbose: bool = _opt(False, "Send llama.cpp's log to stderr instead of the log file.")
+
+    @property
+    def model_path(self) -> Path | None:
+        """The model path with ~ expanded, or None."""
+        return Path(self.model).expanduser() if self.model else None
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
+
+
+def field_help(name: str) -> str:
+    """The description of one setting."""
+    return str(Settings.__dataclass_fields__[name].metadata["help"])
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a config/env/flag value into the field's type, or fail with one clear line."""
+    kind = _TYPES[name]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == tuple[str, ...]:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError
+        # str and str | None
+        if value is None:
+            return None
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    except ValueError:
+        raise UsageError(f"{source}: invalid value {value!r} for '{name}'") from None
+
+
+def _validate(s: Settings) -> None:
+    if s.flash_attn not in FLASH_ATTN_CHOICES:
+        raise UsageError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, not {s.flash_attn!r}")
+    for name in ("cache_type_k", "cache_type_v"):
+        if getattr(s, name) not in KV_CACHE_TYPES:
+            raise UsageError(
+                f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, not {getattr(s, name)!r}"
+            )
+    for name in ("ctx_size", "threads", "n_cpu_moe"):
+        if getattr(s, name) < 0:
+            raise UsageError(f"{name} must be 0 or more, not {getattr(s, name)}")
+    for name in ("batch_size", "ubatch_size"):
+        if getattr(s, name) < 1:
+            raise UsageError(f"{name} must be 1 or more, not {getattr(s, name)}")
+    if s.max_tokens == 0 or s.max_tokens < -1:
+        raise UsageError(f"max_tokens must be -1 or a positive number, not {s.max_tokens}")
+    if s.temperature < 0:
+        raise UsageError(f"temperature must be 0 or more, not {s.temperature}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read config.toml; a missing file is an empty config, a broken one a UsageError."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path}: {e}") from None
+    # Accept dashes too (ctx-size), since that is how the flags are spelled.
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults < config file < WIZARDCHAT_* environment < flags (None means not given)."""
+    from wizardchat import paths
+
+    values: dict[str, Any] = {}
+    config_path = config_path or paths.config_file()
+    for key, value in read_config_file(config_path).items():
+        if key not in FIELD_NAMES:
+            raise UsageError(f"config file {config_path}: unknown setting '{key}'")
+        values[key] = _coerce(key, value, f"config file {config_path}")
+    env = os.environ if environ is None else environ
+    for key in FIELD_NAMES:
+        env_name = ENV_PREFIX + key.upper()
+        if env_name in env:
+            values[key] = _coerce(key, env[env_name], env_name)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key not in FIELD_NAMES:
+            raise KeyError(key)  # a programming error, not a user one
+        values[key] = _coerce(key, value, "option")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
