@@ -20,11 +20,12 @@ import numpy as np
 
 BOS, EOS = 1, 2
 N_EXPERT, N_EXPERT_USED = 8, 2
-WORDS = (
+_TEXT = (
     "A chat between a curious user and an artificial intelligence assistant The gives helpful "
     "detailed polite answers to the user's questions USER ASSISTANT Hello world Hi Who are you "
     "I am WizardLM What is two plus three The answer five Tell me more about it sure"
-).split()
+)
+WORDS = _TEXT.split()
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()"
 # The tokens the scripted model answers with; bytes E2 82 AC are the euro sign split over three
 # byte tokens, so streaming must carry incomplete UTF-8 from one token to the next.

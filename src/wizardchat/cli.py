@@ -6,15 +6,14 @@ the commands that need them, so `wizardchat --help` starts about as fast as Pyth
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -61,7 +60,9 @@ NglOpt = Annotated[int | None, _o("--n-gpu-layers", "-ngl", name="n_gpu_layers")
 ThreadsOpt = Annotated[int | None, _o("--threads", "-t", name="threads")]
 BatchOpt = Annotated[int | None, _o("--batch-size", "-b", name="batch_size")]
 UbatchOpt = Annotated[int | None, _o("--ubatch-size", "-ub", name="ubatch_size")]
-FlashOpt = Annotated[str | None, _o("--flash-attn", "-fa", name="flash_attn", metavar="on|off|auto")]
+FlashOpt = Annotated[
+    str | None, _o("--flash-attn", "-fa", name="flash_attn", metavar="on|off|auto")
+]
 CtkOpt = Annotated[str | None, _o("--cache-type-k", "-ctk", name="cache_type_k", metavar="TYPE")]
 CtvOpt = Annotated[str | None, _o("--cache-type-v", "-ctv", name="cache_type_v", metavar="TYPE")]
 MlockOpt = Annotated[bool | None, _o("--mlock", name="mlock")]
@@ -154,7 +155,9 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
     plan = engine.load_plan
     if plan.ctx_capped:
         n_train = engine.info.arch_value("context_length", 0)
-        _err(f"context: {plan.n_ctx} tokens (the model's {n_train} capped to fit memory; -c sets it)")
+        _err(
+            f"context: {plan.n_ctx} tokens (the model's {n_train} capped to fit memory; -c sets it)"
+        )
     if settings.cache_type_v not in ("f32", "f16", "bf16") and settings.flash_attn == "off":
         _err("flash attention turned on: llama.cpp needs it for a quantized V cache")
     return engine
@@ -242,7 +245,9 @@ def _root(
 @app.command()
 @_guarded
 def ask(
-    prompt: Annotated[str | None, typer.Argument(help="The question; piped stdin comes first.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The question; piped stdin comes first.")
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and its stats.")
     ] = False,
@@ -272,7 +277,9 @@ def ask(
     verbose: VerboseOpt = None,
 ) -> None:
     """Answer one prompt and exit; the reply streams to stdout, everything else to stderr."""
-    flags = {k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")}
+    flags = {
+        k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")
+    }
     piped = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin_text().strip()
     parts = [p for p in (piped, (prompt or "").strip()) if p]
     if not parts:

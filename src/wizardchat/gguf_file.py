@@ -197,13 +197,18 @@ def shard_paths(first: Path, info: GGUFInfo) -> list[Path]:
         return [first]
     if not m:
         raise BadModelError(
-            f"{first} says it is shard 1 of {count} but its name does not end in -00001-of-{count:05d}.gguf"
+            f"{first} says it is shard 1 of {count}, "
+            f"but its name does not end in -00001-of-{count:05d}.gguf"
         )
     if int(m["no"]) != 1:
         first_name = f"{m['stem']}-00001-of-{m['count']}.gguf"
-        raise BadModelError(f"{first.name} is shard {int(m['no'])}: pass the first shard, {first_name}")
+        raise BadModelError(
+            f"{first.name} is shard {int(m['no'])}: pass the first shard, {first_name}"
+        )
     total = int(m["count"])
-    return [first.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+    return [
+        first.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)
+    ]
 
 
 def _check_complete(info: GGUFInfo) -> None:
@@ -215,21 +220,22 @@ def _check_complete(info: GGUFInfo) -> None:
 
 
 def inspect_model(path: Path) -> GGUFInfo:
-    """Check that `path` is a complete, supported GGUF with all its shards; return shard 1's header."""
+    """Check that `path` is a complete, supported GGUF with all its shards; return its header."""
     if not path.exists():
         raise NoModelError(f"model file not found: {path}")
     info = read_header(path)
+    shards = shard_paths(path, info)  # first: a later shard has no architecture to check
     arch = info.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise BadModelError(
             f"{path.name} has architecture '{arch or '?'}'; wizardchat runs WizardLM-2 "
             f"(architecture {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    shards = shard_paths(path, info)
     missing = [p.name for p in shards if not p.exists()]
     if missing:
         raise BadModelError(
-            f"{len(missing)} of {len(shards)} shards missing next to {path.name}: {', '.join(missing)}"
+            f"{len(missing)} of {len(shards)} shards missing next to {path.name}: "
+            + ", ".join(missing)
         )
     _check_complete(info)
     for shard in shards[1:]:

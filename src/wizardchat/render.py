@@ -1,4 +1,4 @@
-"""Writing replies and status to the terminal or a pipe (plain text; markdown comes with the REPL)."""
+"""Writing replies and status to a terminal or a pipe (plain text; markdown comes with the REPL)."""
 
 from __future__ import annotations
 

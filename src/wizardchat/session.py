@@ -26,7 +26,8 @@ class Stats(Protocol):
 class TokenStreamLike(Protocol):
     """An iterable of (token id, text) pairs with stats filled in as it runs."""
 
-    stats: Stats
+    @property
+    def stats(self) -> Stats: ...
 
     def __iter__(self) -> Iterator[tuple[int, str]]: ...
 
@@ -87,7 +88,7 @@ class StopScanner:
     def _release_until(self, limit: int | None) -> list[tuple[int, str]]:
         out, used = [], 0
         while self.pending:
-            token, piece = self.pending[0]
+            piece = self.pending[0][1]
             if limit is not None and used + len(piece) > limit:
                 break
             used += len(piece)

@@ -63,7 +63,9 @@ class Settings:
     min_p: float = _opt(0.05, "Min-p sampling; 0 disables.")
     repeat_penalty: float = _opt(1.0, "Repetition penalty; 1.0 disables.")
     seed: int = _opt(-1, "Random seed; -1 = a new one each run.")
-    max_tokens: int = _opt(-1, "Longest reply in tokens; -1 = until the model stops or the context is full.")
+    max_tokens: int = _opt(
+        -1, "Longest reply in tokens; -1 = until the model stops or the context is full."
+    )
     verbose: bool = _opt(False, "Send llama.cpp's log to stderr instead of the log file.")
 
     @property
@@ -120,7 +122,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def _validate(s: Settings) -> None:
     if s.flash_attn not in FLASH_ATTN_CHOICES:
-        raise UsageError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, not {s.flash_attn!r}")
+        raise UsageError(
+            f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, not {s.flash_attn!r}"
+        )
     for name in ("cache_type_k", "cache_type_v"):
         if getattr(s, name) not in KV_CACHE_TYPES:
             raise UsageError(

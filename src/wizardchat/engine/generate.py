@@ -1,4 +1,4 @@
-"""The token stream of one reply: prefix reuse, incremental detokenization, stop, cancel, timings."""
+"""The token stream of one reply: prefix reuse, incremental detokenizing, stop, cancel, timing."""
 
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ class LlamaEngine:
         """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def stream(self, prompt: Sequence[int], max_tokens: int, cancel: threading.Event) -> TokenStream:
+    def stream(
+        self, prompt: Sequence[int], max_tokens: int, cancel: threading.Event
+    ) -> TokenStream:
         """A token stream for one reply."""
         return TokenStream(self.llm, prompt, self.sampling, max_tokens, cancel)
 

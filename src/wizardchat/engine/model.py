@@ -44,16 +44,22 @@ def check_binding_layout() -> None:
 class _LogSink:
     """Where llama.cpp's log goes: a file, or stderr with --verbose. One per process."""
 
+    ERROR = 4  # GGML_LOG_LEVEL_ERROR in ggml.h (llama_cpp/_logger.py says 3: stale)
+
     def __init__(self) -> None:
         self.stream: IO[str] | None = None
+        self.last_error = ""  # llama.cpp's own reason when a load fails
         self._lock = threading.Lock()
         # ctypes must keep the callback object alive for as long as llama.cpp may call it.
         self.callback = llama_cpp.llama_log_callback(self._write)
 
     def _write(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
         with self._lock:
+            if level == self.ERROR and line.strip():
+                self.last_error = line.strip()
             if self.stream is not None and not self.stream.closed:
-                self.stream.write(text.decode("utf-8", errors="replace"))
+                self.stream.write(line)
                 self.stream.flush()
 
     def attach(self, stream: IO[str] | None) -> None:
@@ -128,7 +134,9 @@ class LoadPlan:
     ctx_capped: bool
 
 
-def plan_load(settings: Settings, path: Path, info: GGUFInfo, overrides: list[Override]) -> LoadPlan:
+def plan_load(
+    settings: Settings, path: Path, info: GGUFInfo, overrides: list[Override]
+) -> LoadPlan:
     """Resolve 'auto' settings (context, threads, flash attention) for this model and machine."""
     n_ctx_train = int(info.arch_value("context_length", 4096))
     n_ctx, capped = settings.ctx_size, False
@@ -186,7 +194,7 @@ def load(
     progress: ProgressFn | None = None,
     log: IO[str] | None = None,
 ) -> tuple[CountingLlama, LoadPlan, GGUFInfo, OverrideArray]:
-    """Check and load the model; return the Llama, the plan used, the header and the live overrides."""
+    """Check and load the model; return the Llama, its plan, its header and the live overrides."""
     check_binding_layout()
     path = settings.model_path
     if path is None:  # cli checks first; this guards direct callers
@@ -200,6 +208,7 @@ def load(
     # Llama prints its own chatter to sys.stderr when verbose; keep it in the log with
     # llama.cpp's lines. verbose=True also stops it from dup2-ing fds 1 and 2 to /dev/null.
     chatter = log if log is not None else io.StringIO()
+    _sink.last_error = ""
     try:
         with _model_params_patch(override_array, hook), contextlib.redirect_stderr(chatter):
             llm = CountingLlama(
@@ -222,8 +231,9 @@ def load(
     except ValueError as e:
         if hook.interrupted:
             raise KeyboardInterrupt from None
-        where = "the log: " + str(getattr(log, "name", "")) if log is not None else "stderr"
-        raise LoadError(f"llama.cpp could not load {path.name} ({e}); details in {where}") from None
+        reason = _sink.last_error.split(": ", 1)[-1] or str(e)
+        where = getattr(log, "name", "the log")
+        raise LoadError(f"llama.cpp could not load {path.name}: {reason} (details: {where})") from None
     if hook.interrupted:
         raise KeyboardInterrupt
     llm.verbose = False  # no per-turn "prefix-match hit" prints on stderr

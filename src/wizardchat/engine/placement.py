@@ -51,9 +51,7 @@ def parse_override(text: str) -> Override:
     return Override(pattern, buffer)
 
 
-def plan_overrides(
-    override_tensor: Sequence[str], cpu_moe: bool, n_cpu_moe: int
-) -> list[Override]:
+def plan_overrides(override_tensor: Sequence[str], cpu_moe: bool, n_cpu_moe: int) -> list[Override]:
     """All overrides in llama.cpp's order of precedence: explicit -ot first, then the MoE flags."""
     return [parse_override(t) for t in override_tensor] + expert_overrides(cpu_moe, n_cpu_moe)
 

@@ -1,0 +1,169 @@
+"""Loading real GGUFs: expert placement from llama.cpp's own log, shards, bad files."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from gguf_models import SCRIPT_REPLY, write_model
+
+from wizardchat.engine.model import check_binding_layout
+from wizardchat.engine.placement import plan_overrides
+from wizardchat.errors import ExitCode, UsageError
+
+OVERRIDDEN = re.compile(r"tensor (blk\.\d+\.ffn_\w+_exps)\.weight .*buffer type overridden to CPU")
+EXPERT_TENSORS = {f"blk.{i}.ffn_{k}_exps" for i in (0, 1) for k in ("gate", "up", "down")}
+
+
+def _overridden(log: str) -> set[str]:
+    return set(OVERRIDDEN.findall(log))
+
+
+def test_binding_layout_is_the_one_wizardchat_fills() -> None:
+    check_binding_layout()
+
+
+def test_n_cpu_moe_1_keeps_block_0_experts_in_ram_and_not_block_1(models, engine_factory) -> None:
+    log = io.StringIO()
+    engine_factory(models.scripted, log=log, n_cpu_moe=1)
+    assert _overridden(log.getvalue()) == {f"blk.0.ffn_{k}_exps" for k in ("gate", "up", "down")}
+
+
+def test_cpu_moe_keeps_every_expert_tensor_in_ram(models, engine_factory) -> None:
+    log = io.StringIO()
+    engine_factory(models.scripted, log=log, cpu_moe=True)
+    assert _overridden(log.getvalue()) == EXPERT_TENSORS
+
+
+def test_override_tensor_flag_uses_llama_cpp_syntax(models, engine_factory) -> None:
+    log = io.StringIO()
+    engine_factory(models.scripted, log=log, override_tensor=("blk\\.1\\.ffn_up_exps=CPU",))
+    assert _overridden(log.getvalue()) == {"blk.1.ffn_up_exps"}
+
+
+def test_no_overrides_by_default(models, engine_factory) -> None:
+    log = io.StringIO()
+    engine_factory(models.scripted, log=log)
+    assert _overridden(log.getvalue()) == set()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("exps[=CPU", "invalid regex"), ("(?P<x>exps)=CPU", "no \\(\\?"), ("exps", "REGEX=BUFFER")],
+)
+def test_bad_override_regex_is_a_usage_error(value: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        plan_overrides([value], cpu_moe=False, n_cpu_moe=0)
+
+
+def test_unknown_buffer_type_names_the_available_ones(models) -> None:
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), "-ot", "exps=CUDA7")
+    assert r.code == ExitCode.USAGE
+    assert r.stderr.strip().splitlines() == [
+        "wizardchat: error: unknown buffer type 'CUDA7' in exps=CUDA7; available here: CPU"
+    ]
+
+
+def test_placement_is_in_the_log_file_of_a_cli_run(models, isolated_home: Path) -> None:
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), "--n-cpu-moe", "1")
+    assert r.code == 0 and r.stdout == SCRIPT_REPLY + "\n"
+    log = (isolated_home / "logs" / "llama.log").read_text()
+    assert _overridden(log) == {f"blk.0.ffn_{k}_exps" for k in ("gate", "up", "down")}
+
+
+def test_split_model_loads_from_its_first_shard(models) -> None:
+    assert models.split.name.endswith("-00001-of-00003.gguf")
+    r = run_cli("ask", "Hi", "-m", str(models.split))
+    assert (r.code, r.stdout) == (0, SCRIPT_REPLY + "\n")
+
+
+def _one_error_line(r, code: int, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    assert r.code == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wizardchat: error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert r.stdout == ""
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    r = run_cli("ask", "Hi", "-m", str(tmp_path / "nope.gguf"))
+    _one_error_line(r, ExitCode.NO_MODEL, "not found", "nope.gguf")
+
+
+def test_no_model_configured_says_how_to_get_one() -> None:
+    r = run_cli("ask", "Hi")
+    _one_error_line(r, ExitCode.NO_MODEL, "--model", "WIZARDCHAT_MODEL")
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"<html>not found</html>" * 10)
+    _one_error_line(run_cli("ask", "Hi", "-m", str(bad)), ExitCode.BAD_MODEL, "not a GGUF")
+
+
+def test_git_lfs_pointer(tmp_path: Path) -> None:
+    ptr = tmp_path / "model.gguf"
+    ptr.write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 85000000000\n"
+    )
+    _one_error_line(run_cli("ask", "Hi", "-m", str(ptr)), ExitCode.BAD_MODEL, "git-lfs pointer")
+
+
+def test_truncated_file(models, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = models.scripted.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    _one_error_line(run_cli("ask", "Hi", "-m", str(cut)), ExitCode.BAD_MODEL, "truncated")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(data[:5000])
+    _one_error_line(run_cli("ask", "Hi", "-m", str(header_only)), ExitCode.BAD_MODEL, "truncated")
+
+
+def test_missing_shard(models, tmp_path: Path) -> None:
+    for shard in models.split.parent.glob("*.gguf"):
+        if "-00002-" not in shard.name:
+            (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    first = tmp_path / models.split.name
+    r = run_cli("ask", "Hi", "-m", str(first))
+    _one_error_line(r, ExitCode.BAD_MODEL, "1 of 3 shards missing", "-00002-of-00003.gguf")
+
+
+def test_second_shard_given_instead_of_first(models) -> None:
+    second = models.split.with_name(models.split.name.replace("00001-of", "00002-of"))
+    r = run_cli("ask", "Hi", "-m", str(second))
+    _one_error_line(r, ExitCode.BAD_MODEL, "pass the first shard", "-00001-of-00003.gguf")
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _one_error_line(run_cli("ask", "Hi", "-m", str(path)), ExitCode.BAD_MODEL, "'mamba'")
+
+
+def test_kv_cache_quantized_v_forces_flash_attention(tmp_path: Path) -> None:
+    # q8_0 blocks are 32 wide, so this model has 32-wide attention heads.
+    model = write_model(tmp_path / "heads32.gguf", n_head=2, n_head_kv=1)
+    r = run_cli("ask", "Hi", "-m", str(model), "-ctv", "q8_0", "-ctk", "q8_0", "-fa", "off")
+    assert (r.code, r.stdout) == (0, SCRIPT_REPLY + "\n")
+    assert "flash attention turned on" in r.stderr
+
+
+def test_llama_cpp_refusal_is_one_line_with_its_reason(models) -> None:
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), "-ctk", "q8_0")
+    _one_error_line(r, ExitCode.LOAD_FAILED, "does not divide n_embd_head_k=16", "llama.log")
+
+
+def test_default_context_is_the_models_not_512(models, engine_factory, tmp_path: Path) -> None:
+    big = write_model(tmp_path / "ctx.gguf", n_ctx_train=6144)
+    engine = engine_factory(big, ctx_size=0)
+    assert engine.n_ctx == 6144

@@ -1,0 +1,123 @@
+"""A chat session on the real llama.cpp: prefix reuse, streaming, stops, cancellation, budget."""
+
+from __future__ import annotations
+
+import pytest
+from gguf_models import SCRIPT_REPLY
+
+from wizardchat.errors import ContextError
+from wizardchat.session import ChatSession, StopScanner
+from wizardchat.settings import DEFAULT_SYSTEM_PROMPT
+
+
+def _session(engine, **kw) -> ChatSession:  # type: ignore[no-untyped-def]
+    return ChatSession(engine, system=DEFAULT_SYSTEM_PROMPT, **kw)
+
+
+def test_later_turns_evaluate_only_the_new_tokens(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    questions = ["Hi", "Who are you?", "What is two plus three? Tell me more about it."]
+    evaluated, new_tokens, prompts = [], [], []
+    for q in questions:
+        new_tokens.append(len(session.conversation.new_turn(q).user_tokens))
+        assert "".join(session.send(q)) == SCRIPT_REPLY
+        assert session.last is not None
+        evaluated.append(session.last.evaluated_tokens)
+        prompts.append(session.last.prompt_tokens)
+    assert evaluated[0] == prompts[0]  # a fresh context evaluates the whole first prompt
+    for k in (1, 2):
+        assert evaluated[k] <= new_tokens[k] + 8, (evaluated, new_tokens)
+
+
+def test_reply_streams_multibyte_text_split_over_tokens_without_replacement(
+    models, engine_factory
+) -> None:
+    session = _session(engine_factory(models.scripted))
+    chunks = list(session.send("Hi"))
+    reply = "".join(chunks)
+    assert reply == SCRIPT_REPLY  # "€" is three byte tokens in the script
+    assert "\ufffd" not in reply
+    assert not reply.startswith(" ")
+    assert len(chunks) > 3  # streamed, not delivered at the end
+    assert session.conversation.turns[0].reply == SCRIPT_REPLY
+
+
+def test_model_starting_a_user_turn_is_stopped_and_that_text_dropped(
+    models, engine_factory
+) -> None:
+    session = _session(engine_factory(models.user_turn))
+    reply = "".join(session.send("Hi"))
+    assert reply == "Hi\n"
+    assert session.last is not None and session.last.finish == "stop"
+    assert "USER" not in session.conversation.turns[0].reply
+    # The history still ends the turn with EOS, and the next turn works.
+    assert "".join(session.send("again")) == "Hi\n"
+
+
+def test_stop_scanner_holds_back_only_what_may_start_user_colon() -> None:
+    scanner = StopScanner()
+    released = []
+    for i, piece in enumerate([" The", " US", "A is", " big.", "\n", "US", "ER", ":", " more"]):
+        released += scanner.push(i, piece)
+        if scanner.stopped:
+            break
+    assert "".join(p for _, p in released) == " The USA is big.\n"
+    assert scanner.stopped
+
+
+def test_cancel_keeps_the_partial_reply_and_the_next_turn_works(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    stream = session.send("Hi")
+    first = next(stream)
+    session.cancel()
+    rest = list(stream)
+    assert session.last is not None and session.last.finish == "interrupted"
+    turn = session.conversation.turns[0]
+    assert turn.interrupted and turn.reply == first + "".join(rest)
+    assert SCRIPT_REPLY.startswith(turn.reply) and turn.reply != SCRIPT_REPLY
+    assert "".join(session.send("Who are you?")) == SCRIPT_REPLY
+    assert session.last.evaluated_tokens <= len(session.conversation.turns[1].user_tokens) + 8
+
+
+def test_consumer_interrupt_records_the_turn(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    stream = session.send("Hi")
+    shown = next(stream) + next(stream)
+    stream.close()  # what Ctrl-C in the renderer does to the generator
+    assert session.conversation.turns[0].reply == shown
+    assert session.conversation.turns[0].interrupted
+    assert "".join(session.send("Hi")) == SCRIPT_REPLY
+
+
+def test_max_tokens_ends_the_reply(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted), max_tokens=2)
+    assert "".join(session.send("Hi")) == "Hello,"
+    assert session.last is not None and session.last.finish == "length"
+    assert session.last.completion_tokens == 2
+
+
+def test_full_context_evicts_old_turns_and_says_so(models, engine_factory) -> None:
+    notes: list[str] = []
+    engine = engine_factory(models.scripted, ctx_size=256)
+    session = ChatSession(engine, system=DEFAULT_SYSTEM_PROMPT, max_tokens=16, notify=notes.append)
+    for i in range(20):
+        assert "".join(session.send(f"What is two plus three {i}")) == SCRIPT_REPLY
+    assert any("dropped the" in n and "oldest turn" in n for n in notes)
+    assert len(session.conversation.turns) < 20
+    assert len(session.conversation.tokens()) <= 256
+
+
+def test_a_message_longer_than_the_context_is_refused(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted, ctx_size=256))
+    with pytest.raises(ContextError):
+        list(session.send("word " * 400))
+    assert session.conversation.turns == []
+    assert "".join(session.send("Hi")) == SCRIPT_REPLY
+
+
+def test_reset_and_new_system_prompt(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    list(session.send("Hi"))
+    session.reset(system="Be brief.")
+    assert session.conversation.turns == []
+    assert session.conversation.text(session.conversation.new_turn("x")).startswith("Be brief. USER:")
