@@ -14,9 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gguf_models import USER_TURN_PIECES, write_model  # noqa: E402
+from gguf_models import USER_TURN_PIECES, write_model
 
-from wizardchat.settings import load_settings  # noqa: E402
+from wizardchat.settings import load_settings
 
 WIZARDCHAT = str(Path(sys.executable).parent / "wizardchat")
 

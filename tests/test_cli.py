@@ -31,7 +31,7 @@ def test_ask_puts_piped_stdin_first_then_a_blank_line_then_the_prompt(models) ->
     r = run_cli("ask", "Summarize", "-m", str(models.scripted), "--verbose-prompt",
                 stdin="line one\nline two\n")  # fmt: skip
     assert r.code == 0
-    (count, text), = PROMPT_BLOCK.findall(r.stderr)
+    ((count, text),) = PROMPT_BLOCK.findall(r.stderr)
     assert text == f"{DEFAULT_SYSTEM_PROMPT} USER: line one\nline two\n\nSummarize ASSISTANT:"
     assert int(count) > 0
 
@@ -96,7 +96,8 @@ def test_batch_verbose_prompt_is_the_exact_vicuna_conversation(models) -> None:
     prompts = PROMPT_BLOCK.findall(r.stderr)
     assert [p[1] for p in prompts] == [
         f"{DEFAULT_SYSTEM_PROMPT} USER: Hi ASSISTANT:",
-        f"{DEFAULT_SYSTEM_PROMPT} USER: Hi ASSISTANT: {replies[0]}</s>USER: Who are you? ASSISTANT:",
+        f"{DEFAULT_SYSTEM_PROMPT} USER: Hi ASSISTANT: {replies[0]}</s>"
+        "USER: Who are you? ASSISTANT:",
         "Be brief. USER: Hello ASSISTANT:",
     ]
     assert int(prompts[1][0]) > int(prompts[0][0])

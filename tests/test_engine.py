@@ -107,9 +107,7 @@ def test_not_a_gguf(tmp_path: Path) -> None:
 
 def test_git_lfs_pointer(tmp_path: Path) -> None:
     ptr = tmp_path / "model.gguf"
-    ptr.write_text(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 85000000000\n"
-    )
+    ptr.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 85000000000\n")
     _one_error_line(run_cli("ask", "Hi", "-m", str(ptr)), ExitCode.BAD_MODEL, "git-lfs pointer")
 
 

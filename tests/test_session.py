@@ -120,4 +120,6 @@ def test_reset_and_new_system_prompt(models, engine_factory) -> None:
     list(session.send("Hi"))
     session.reset(system="Be brief.")
     assert session.conversation.turns == []
-    assert session.conversation.text(session.conversation.new_turn("x")).startswith("Be brief. USER:")
+    assert session.conversation.text(session.conversation.new_turn("x")).startswith(
+        "Be brief. USER:"
+    )

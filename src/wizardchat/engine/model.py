@@ -233,7 +233,9 @@ def load(
             raise KeyboardInterrupt from None
         reason = _sink.last_error.split(": ", 1)[-1] or str(e)
         where = getattr(log, "name", "the log")
-        raise LoadError(f"llama.cpp could not load {path.name}: {reason} (details: {where})") from None
+        raise LoadError(
+            f"llama.cpp could not load {path.name}: {reason} (details: {where})"
+        ) from None
     if hook.interrupted:
         raise KeyboardInterrupt
     llm.verbose = False  # no per-turn "prefix-match hit" prints on stderr
