@@ -161,15 +161,37 @@ def test_model_from_the_environment(models, monkeypatch) -> None:
     assert run_cli("ask", "Hi").stdout == SCRIPT_REPLY + "\n"
 
 
-def test_help_does_not_import_heavy_modules() -> None:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "wizardchat", "--help"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
-    assert proc.returncode == 0 and "ask" in proc.stdout
+HEAVY = {"llama_cpp", "numpy", "huggingface_hub", "prompt_toolkit", "rich", "jinja2"}
+
+
+def _imported_by(*args: str) -> tuple[set[str], str]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "wizardchat", *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
-    heavy = {"llama_cpp", "numpy", "huggingface_hub", "prompt_toolkit", "rich", "jinja2"}
-    assert imported & heavy == set()
     assert "wizardchat" in imported  # the check saw the real import list
+    return imported, proc.stdout
+
+
+def test_top_level_help_imports_neither_typer_nor_heavy_modules() -> None:
+    imported, out = _imported_by("--help")
+    assert "ask" in out and "run" in out
+    assert imported & (HEAVY | {"typer", "click"}) == set()
+
+
+def test_command_help_does_not_import_heavy_modules() -> None:
+    imported, out = _imported_by("ask", "--help")
+    assert "--n-cpu-moe" in out and "--override-tensor" in out
+    assert imported & HEAVY == set()
+
+
+def test_fast_top_level_help_is_exactly_what_typer_renders() -> None:
+    from wizardchat.entry import TOP_LEVEL_HELP
+
+    code = "from wizardchat.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "80"})  # fmt: skip
+    assert proc.stdout == TOP_LEVEL_HELP
 
 
 def test_version() -> None:

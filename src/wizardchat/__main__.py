@@ -1,5 +1,5 @@
 """`python -m wizardchat`."""
 
-from wizardchat.cli import main
+from wizardchat.entry import main
 
 main()

@@ -276,7 +276,7 @@ def ask(
     max_tokens: MaxTokOpt = None,
     verbose: VerboseOpt = None,
 ) -> None:
-    """Answer one prompt and exit; the reply streams to stdout, everything else to stderr."""
+    """Answer one prompt: the reply streams to stdout, all else to stderr."""
     flags = {
         k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")
     }
@@ -340,7 +340,7 @@ def run(
     max_tokens: MaxTokOpt = None,
     verbose: VerboseOpt = None,
 ) -> None:
-    """Chat. With stdin piped, each line is a user turn (batch mode); replies go to stdout."""
+    """Chat on a terminal, or answer piped lines (batch mode)."""
     flags = {k: v for k, v in locals().items() if k not in ("jsonl", "verbose_prompt")}
     settings = _settings(flags)
     interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -387,8 +387,8 @@ def _quiet_broken_pipe() -> None:
 
 
 def main() -> None:
-    """Entry point (the console script and `python -m wizardchat`)."""
-    app()
+    """Run the typer app (wizardchat.entry decides whether it is needed)."""
+    app(prog_name="wizardchat")
 
 
 if __name__ == "__main__":

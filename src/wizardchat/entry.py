@@ -1,0 +1,35 @@
+"""Console entry point: answers `wizardchat --help` without importing typer.
+
+Importing typer costs several times Python's own start-up, and `--help` is what a new user runs
+first. The text below is typer's own rendering of the top-level help; a test fails if the two
+ever differ, so edit the commands in cli.py and paste the new output here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+TOP_LEVEL_HELP = """\
+Usage: wizardchat [OPTIONS] COMMAND [ARGS]...
+
+  Chat with WizardLM-2 8x22B in your terminal, on llama.cpp.
+
+Options:
+  --debug     Show tracebacks instead of one-line errors.
+  --version   Print the version.
+  -h, --help  Show this message and exit.
+
+Commands:
+  ask  Answer one prompt: the reply streams to stdout, all else to stderr.
+  run  Chat on a terminal, or answer piped lines (batch mode).
+"""
+
+
+def main() -> None:
+    """The `wizardchat` command."""
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        sys.stdout.write(TOP_LEVEL_HELP)
+        return
+    from wizardchat.cli import main as cli_main
+
+    cli_main()
