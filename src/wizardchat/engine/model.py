@@ -216,7 +216,7 @@ def load(
                 n_ctx=plan.n_ctx,
                 n_gpu_layers=plan.n_gpu_layers,
                 n_threads=plan.threads,
-                n_threads_batch=max(plan.threads, hardware.physical_cores()),
+                n_threads_batch=plan.threads,  # llama.cpp: -tb defaults to -t
                 n_batch=plan.batch_size,
                 n_ubatch=plan.ubatch_size,
                 flash_attn=plan.flash_attn,
