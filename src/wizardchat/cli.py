@@ -152,13 +152,13 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
     finally:
         if bar:
             bar.done()
-    plan = engine.load_plan
+    plan = engine.plan
     if plan.ctx_capped:
         n_train = engine.info.arch_value("context_length", 0)
         _err(
             f"context: {plan.n_ctx} tokens (the model's {n_train} capped to fit memory; -c sets it)"
         )
-    if settings.cache_type_v not in ("f32", "f16", "bf16") and settings.flash_attn == "off":
+    if plan.flash_attn and settings.flash_attn == "off":  # plan_load forced it on
         _err("flash attention turned on: llama.cpp needs it for a quantized V cache")
     return engine
 

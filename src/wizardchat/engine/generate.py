@@ -93,6 +93,7 @@ class TokenStream:
         llm, s, stats = self.llm, self.sampling, self.stats
         stats.prompt_tokens = len(self.prompt)
         decoder = PieceDecoder(llm)
+        vocab = llm._model.vocab
         evaluated_before = llm.evaluated_tokens
         start = time.perf_counter()
         first_at = start
@@ -115,7 +116,7 @@ class TokenStream:
                     stats.prompt_seconds = now - start
                     stats.evaluated_tokens = llm.evaluated_tokens - evaluated_before
                 stats.decode_seconds = now - first_at
-                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.finish = "eos"
                     break
                 stats.completion_tokens += 1

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import IO
 
 from wizardchat.engine.generate import Sampling, TokenStream
-from wizardchat.engine.model import LoadPlan, ProgressFn, load
+from wizardchat.engine.model import ProgressFn, load
 from wizardchat.engine.placement import plan_overrides
 from wizardchat.settings import Settings
 
@@ -31,11 +31,6 @@ class LlamaEngine:
         self.eos = int(self.llm.token_eos())
         self.n_ctx = int(self.llm.n_ctx())
         self.model_name = self.plan.path.name
-
-    @property
-    def load_plan(self) -> LoadPlan:
-        """The parameters the model was loaded with."""
-        return self.plan
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
