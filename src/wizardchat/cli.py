@@ -24,7 +24,9 @@ from wizardchat.settings import Settings, field_help, load_settings
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.repl import Repl
     from wizardchat.session import ChatSession
+    from wizardchat.store import SessionStore
 
 app = typer.Typer(
     name="wizardchat",
@@ -47,6 +49,7 @@ _state = _State()
 MODEL = "Model"
 LLAMA = "llama.cpp"
 SAMPLING = "Sampling"
+CHAT = "Chat"
 
 
 def _o(*names: str, name: str, panel: str = LLAMA, **kw: Any) -> Any:
@@ -312,6 +315,29 @@ def ask(
 @app.command()
 @_guarded
 def run(
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the last conversation.", rich_help_panel=CHAT),
+    ] = False,
+    session_name: Annotated[
+        str | None,
+        typer.Option(
+            "--session",
+            metavar="NAME",
+            help="Open the saved conversation NAME, or start one by that name.",
+            rich_help_panel=CHAT,
+        ),
+    ] = None,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain", help="Plain text replies, no markdown or colour.", rich_help_panel=CHAT
+        ),
+    ] = False,
+    no_stats: Annotated[
+        bool,
+        typer.Option("--no-stats", help="No speed line after each reply.", rich_help_panel=CHAT),
+    ] = False,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help='Batch mode: stdin lines are {"prompt": ...} objects.')
     ] = False,
@@ -341,12 +367,33 @@ def run(
     verbose: VerboseOpt = None,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
-    flags = {k: v for k, v in locals().items() if k not in ("jsonl", "verbose_prompt")}
+    own = {"resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt", "own"}
+    flags = {k: v for k, v in locals().items() if k not in own}
     settings = _settings(flags)
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    with _engine(settings, verbose_prompt) as (_, session):
-        if interactive and not jsonl:
-            _simple_chat(session)
+    from wizardchat import paths
+    from wizardchat.store import SessionStore, check_name
+
+    if session_name:
+        check_name(session_name)
+    interactive = sys.stdin is not None and sys.stdin.isatty() and not jsonl
+    if not interactive and (resume or session_name):
+        raise UsageError("--resume and --session are for the interactive chat on a terminal")
+    store = SessionStore(paths.sessions_dir())
+    # Read the saved conversation before loading the model: a bad name or file fails fast.
+    saved = None
+    if session_name:
+        saved = store.load(session_name) if store.exists(session_name) else None
+    elif resume:
+        last = store.last()
+        saved = store.load(last) if last else None
+        if saved is None:
+            _err("wizardchat: no saved conversation to resume; starting a new one")
+    with _engine(settings, verbose_prompt) as (engine, session):
+        if interactive:
+            repl = _repl(engine, session, store, plain=plain, show_stats=not no_stats)
+            if saved is None and session_name:
+                repl.name_session(session_name)
+            repl.run(resume=saved.name if saved else None)
             return
         from wizardchat import batch
 
@@ -356,25 +403,83 @@ def run(
             raise typer.Exit(ExitCode.USAGE)
 
 
-def _simple_chat(session: ChatSession) -> None:
-    """A minimal line-by-line chat on a terminal: Ctrl-C stops a reply, Ctrl-D or /bye exits."""
-    from wizardchat.render import stream_plain
+def _plain_output_wanted(plain: bool) -> bool:
+    """--plain, NO_COLOR, TERM=dumb or output that is not a terminal all mean plain text."""
+    return (
+        plain
+        or bool(os.environ.get("NO_COLOR"))
+        or os.environ.get("TERM", "") in ("dumb", "unknown")
+        or not sys.stdout.isatty()
+    )
 
-    _err("wizardchat: type a message; Ctrl-C stops a reply, Ctrl-D or /bye exits")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            return
-        if line.strip() in ("/bye", "/exit"):
-            return
-        if not line.strip():
-            continue
-        try:
-            stream_plain(session.send(line), sys.stdout)
-        except KeyboardInterrupt:
-            sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n\n")
+
+def _repl(
+    engine: LlamaEngine, session: ChatSession, store: SessionStore, *, plain: bool, show_stats: bool
+) -> Repl:
+    from wizardchat import commands, paths
+    from wizardchat.reader import make_reader
+    from wizardchat.repl import Output, PlainOutput, Repl, RichOutput
+
+    out: Output
+    if _plain_output_wanted(plain):
+        out = PlainOutput(sys.stdout, sys.stderr)
+    else:
+        from rich.console import Console
+
+        out = RichOutput(Console(highlight=False), Console(stderr=True, highlight=False))
+    reader = make_reader(
+        paths.input_history_file(),
+        command_names=commands.BY_NAME,
+        argument_kinds={c.name: c.completes for c in commands.COMMANDS if c.completes},
+        session_names=lambda: [s.name for s in store.list()],
+        setting_names=commands.PARAMS,
+    )
+    session.notify = out.note
+    return Repl(session, engine, store, reader, out, show_stats=show_stats)
+
+
+sessions_app = typer.Typer(
+    help="List saved conversations, or remove one (sessions rm NAME).",
+    no_args_is_help=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(sessions_app, name="sessions")
+
+
+@sessions_app.callback(invoke_without_command=True)
+@_guarded
+def sessions(ctx: typer.Context) -> None:
+    """List saved conversations: name, turns, last used."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from wizardchat import paths
+    from wizardchat.commands import session_row
+    from wizardchat.repl import PlainOutput
+    from wizardchat.store import SessionStore
+
+    found = SessionStore(paths.sessions_dir()).list()
+    if not found:
+        _err("no saved conversations yet (wizardchat run saves each one)")
+        return
+    PlainOutput(sys.stdout, sys.stderr).rows(
+        [("NAME", "TURNS", "LAST USED")] + [session_row(s) for s in found], header=False
+    )
+
+
+@sessions_app.command("rm")
+@_guarded
+def sessions_rm(
+    names: Annotated[list[str], typer.Argument(help="Names of the sessions to delete.")],
+) -> None:
+    """Delete saved conversations."""
+    from wizardchat import paths
+    from wizardchat.store import SessionStore
+
+    store = SessionStore(paths.sessions_dir())
+    for name in names:
+        store.remove(name)
+        _err(f"removed '{name}'")
 
 
 def _quiet_broken_pipe() -> None:

@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     BAD_MODEL = 4  # the file is not a loadable GGUF (pointer, truncated, shard missing, ...)
     LOAD_FAILED = 5  # llama.cpp refused to load the model or create the context
     CONTEXT = 6  # a message does not fit in the context window
+    SESSION = 7  # a saved session is missing, unreadable or corrupt
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -52,3 +53,9 @@ class ContextError(WizardchatError):
     """A message is too long for the context window."""
 
     exit_code = ExitCode.CONTEXT
+
+
+class SessionError(WizardchatError):
+    """A saved session cannot be found, read or written."""
+
+    exit_code = ExitCode.SESSION

@@ -51,3 +51,13 @@ def config_file() -> Path:
 def llama_log_file() -> Path:
     """The file llama.cpp's own log goes to unless --verbose."""
     return log_dir() / "llama.log"
+
+
+def sessions_dir() -> Path:
+    """Saved conversations, one JSON file each."""
+    return data_dir() / "sessions"
+
+
+def input_history_file() -> Path:
+    """The REPL's input history (up-arrow, Ctrl-R), kept across runs."""
+    return data_dir() / "input-history"

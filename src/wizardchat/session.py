@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -144,11 +144,31 @@ class ChatSession:
             self.conversation.system if system is None else system
         )
 
+    def restore(self, system: str, turns: Iterable[tuple[str, str, bool]]) -> None:
+        """Replace the conversation with saved (message, reply, interrupted) turns.
+
+        The text is tokenized again; the KV cache holds none of it, so the next `send` evaluates
+        the whole history once and later turns are back to evaluating only their new tokens.
+        """
+        conv = self._new_conversation(system)
+        for user, reply, interrupted in turns:
+            turn = conv.new_turn(user)
+            turn.reply = reply
+            turn.reply_tokens = self.engine.tokenize(reply) if reply else []
+            turn.interrupted = interrupted
+            conv.close(turn)
+        self.conversation = conv
+
+    def drop_last(self) -> Turn | None:
+        """Remove the last exchange from the history and return it (None when empty)."""
+        turns = self.conversation.turns
+        return turns.pop() if turns else None
+
     def cancel(self) -> None:
         """Stop the reply being generated after the current token (safe from other threads)."""
         self.cancel_event.set()
 
-    def send(self, text: str) -> Iterator[str]:
+    def send(self, text: str) -> Generator[str, None, None]:
         """Stream the reply to `text` as text chunks; the turn is recorded however it ends."""
         conv = self.conversation
         turn = conv.new_turn(text)
@@ -169,7 +189,9 @@ class ChatSession:
         self.last = result
         return self._run(turn, stream, result)
 
-    def _run(self, turn: Turn, stream: TokenStreamLike, result: TurnResult) -> Iterator[str]:
+    def _run(
+        self, turn: Turn, stream: TokenStreamLike, result: TurnResult
+    ) -> Generator[str, None, None]:
         scanner = StopScanner()
         shown: list[str] = []
         start = time.perf_counter()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import threading
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
+import llama_cpp
+
+from wizardchat.engine import ggml
 from wizardchat.engine.generate import Sampling, TokenStream
-from wizardchat.engine.model import ProgressFn, load
-from wizardchat.engine.placement import plan_overrides
+from wizardchat.engine.model import LoadPlan, ProgressFn, load
+from wizardchat.engine.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
+from wizardchat.gguf_file import quant_name
 from wizardchat.settings import Settings
 
 
@@ -27,6 +33,7 @@ class LlamaEngine:
             min_p=settings.min_p,
             repeat_penalty=settings.repeat_penalty,
         )
+        self.seed = settings.seed
         self.bos = int(self.llm.token_bos())
         self.eos = int(self.llm.token_eos())
         self.n_ctx = int(self.llm.n_ctx())
@@ -42,6 +49,93 @@ class LlamaEngine:
         """A token stream for one reply."""
         return TokenStream(self.llm, prompt, self.sampling, max_tokens, cancel)
 
+    def set_sampling(self, **changes: Any) -> None:
+        """Change sampler settings for the next replies (names as in `Sampling`)."""
+        self.sampling = dataclasses.replace(self.sampling, **changes)
+
+    def set_seed(self, seed: int) -> None:
+        """Seed the sampler of the next replies; -1 draws a new random seed for each."""
+        self.seed = seed
+        self.llm.set_seed(seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """What is loaded and where it sits, as (label, value) rows for /show."""
+        return describe_load(
+            self.plan,
+            quant=quant_name(self.info),
+            architecture=self.info.architecture,
+            n_layer=int(self.info.arch_value("block_count", 0)),
+            n_expert=int(self.info.arch_value("expert_count", 0)),
+            n_expert_used=int(self.info.arch_value("expert_used_count", 0)),
+            n_ctx_train=int(self.info.arch_value("context_length", 0)),
+            gpus=[f"{d.name} ({d.description})" for d in ggml.devices() if d.kind == "GPU"],
+        )
+
     def close(self) -> None:
         """Free the model and context now rather than at interpreter exit."""
         self.llm.close()
+
+
+_LAYER_RE = re.compile(r"blk\\\.(\d+)" + re.escape(EXPERTS_REGEX) + "$")
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for n in sorted(layers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
+def experts_in_ram(overrides: Sequence[Override], n_layer: int) -> str:
+    """Which layers' expert tensors the overrides keep in system RAM, in words."""
+    if not overrides:
+        return "none (all follow their layer)"
+    parts: list[str] = []
+    layers: list[int] = []
+    for o in overrides:
+        m = _LAYER_RE.fullmatch(o.pattern)
+        if o.pattern == EXPERTS_REGEX and o.buffer == CPU_BUFFER:
+            parts.append(f"all {n_layer} layers (--cpu-moe)")
+        elif m and o.buffer == CPU_BUFFER:
+            layers.append(int(m.group(1)))
+        else:
+            parts.append(f"-ot {o.pattern}={o.buffer}")
+    if layers:
+        parts.insert(0, f"layers {_layer_ranges(layers)} ({len(layers)} of {n_layer})")
+    return "; ".join(parts)
+
+
+def describe_load(
+    plan: LoadPlan,
+    *,
+    quant: str,
+    architecture: str,
+    n_layer: int,
+    n_expert: int,
+    n_expert_used: int,
+    n_ctx_train: int,
+    gpus: list[str],
+) -> list[tuple[str, str]]:
+    """The rows of /show for one loaded model (pure, so it is testable without a model)."""
+    experts = f", {n_expert} experts ({n_expert_used} per token)" if n_expert else ""
+    if not gpus:
+        offload = "no GPU in this build or machine: every layer runs on the CPU"
+    else:
+        on_gpu = n_layer if plan.n_gpu_layers < 0 else min(plan.n_gpu_layers, n_layer)
+        offload = f"{on_gpu} of {n_layer} layers on {', '.join(gpus)}"
+    return [
+        ("model", str(plan.path)),
+        ("quant", quant),
+        ("architecture", f"{architecture}, {n_layer} layers{experts}"),
+        ("context", f"{plan.n_ctx} tokens (trained {n_ctx_train})"),
+        ("threads", str(plan.threads)),
+        ("batch", f"{plan.batch_size} / ubatch {plan.ubatch_size}"),
+        ("flash attention", "on" if plan.flash_attn else "off"),
+        ("KV cache", f"K {plan.type_k}, V {plan.type_v}"),
+        ("GPU offload", offload),
+        ("experts in RAM", experts_in_ram(plan.overrides, n_layer)),
+    ]

@@ -1,0 +1,364 @@
+"""The REPL's slash commands as a table: name, aliases, usage, help, handler. /help reads it."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wizardchat.errors import WizardchatError
+
+if TYPE_CHECKING:
+    from wizardchat.repl import Repl
+
+
+class CommandError(WizardchatError):
+    """A command could not do what was asked; the REPL shows the message and goes on."""
+
+
+class LeaveRepl(Exception):
+    """Raised by /exit to end the REPL."""
+
+
+Handler = Callable[["Repl", str], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One slash command."""
+
+    name: str
+    usage: str  # the argument part, e.g. "[NAME]"
+    help: str
+    handler: Handler
+    aliases: tuple[str, ...] = ()
+    completes: str = ""  # what the argument completes to: "path", "setting", "session"
+
+
+# --- /set: the sampler settings a chat can change, each with its parser ---------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """A setting `/set` changes: its parser (which explains bad values) and where it lives."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any]
+    get: Callable[[Repl], Any]
+    put: Callable[[Repl, Any], None]
+
+
+def _number(kind: type[int] | type[float], ok: Callable[[Any], bool], rule: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise CommandError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise CommandError(f"{text} is out of range ({rule})")
+        return value
+
+    return parse
+
+
+def _sampling(name: str) -> tuple[Callable[[Repl], Any], Callable[[Repl, Any], None]]:
+    def get(repl: Repl) -> Any:
+        return getattr(repl.engine.sampling, name)
+
+    def put(repl: Repl, value: Any) -> None:
+        repl.engine.set_sampling(**{name: value})
+
+    return get, put
+
+
+def _put_max_tokens(repl: Repl, value: Any) -> None:
+    repl.session.max_tokens = value
+
+
+PARAMS = {
+    p.name: p
+    for p in (
+        Param(
+            "temperature",
+            "0 = greedy; higher is more random",
+            _number(float, lambda v: v >= 0, "0 or more"),
+            *_sampling("temperature"),
+        ),
+        Param(
+            "top_p",
+            "nucleus sampling; 1 disables",
+            _number(float, lambda v: 0 < v <= 1, "above 0, at most 1"),
+            *_sampling("top_p"),
+        ),
+        Param(
+            "top_k",
+            "sample from the K likeliest; 0 disables",
+            _number(int, lambda v: v >= 0, "0 or more"),
+            *_sampling("top_k"),
+        ),
+        Param(
+            "min_p",
+            "drop tokens below this share of the likeliest; 0 disables",
+            _number(float, lambda v: 0 <= v <= 1, "0 to 1"),
+            *_sampling("min_p"),
+        ),
+        Param(
+            "repeat_penalty",
+            "penalise repeated tokens; 1 disables",
+            _number(float, lambda v: v > 0, "above 0"),
+            *_sampling("repeat_penalty"),
+        ),
+        Param(
+            "max_tokens",
+            "longest reply; -1 = until the model stops",
+            _number(int, lambda v: v == -1 or v > 0, "-1 or 1 and more"),
+            lambda repl: repl.session.max_tokens,
+            _put_max_tokens,
+        ),
+        Param(
+            "seed",
+            "sampler seed; -1 = random each reply",
+            _number(int, lambda v: -1 <= v < 2**32 - 1, "-1 to 4294967294"),
+            lambda repl: repl.engine.seed,
+            lambda repl, v: repl.engine.set_seed(v),
+        ),
+    )
+}
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+def _help(repl: Repl, arg: str) -> None:
+    width = max(len(f"/{c.name} {c.usage}".strip()) for c in COMMANDS)
+    lines = []
+    for c in COMMANDS:
+        aliases = f" (also {', '.join('/' + a for a in c.aliases)})" if c.aliases else ""
+        lines.append(f"  {f'/{c.name} {c.usage}'.strip():<{width}}  {c.help}{aliases}")
+    lines += [
+        "",
+        '  Multi-line: start with """ and end with """, or Alt-Enter / Ctrl-J for a newline.',
+        "  Ctrl-G edits the message in $EDITOR. Ctrl-R searches history. Tab completes.",
+        "  Ctrl-C stops a reply or clears the line; Ctrl-D (or Ctrl-C twice) exits.",
+        "  Start a message with // to send text that begins with /.",
+    ]
+    repl.out.text("\n".join(lines))
+
+
+def _exit(repl: Repl, arg: str) -> None:
+    raise LeaveRepl
+
+
+def _clear(repl: Repl, arg: str) -> None:
+    previous = repl.name if repl.session.conversation.turns else None
+    repl.new_conversation()
+    saved = f" (the previous one is saved as '{previous}')" if previous else ""
+    repl.out.note(f"new conversation{saved}")
+
+
+def _system(repl: Repl, arg: str) -> None:
+    if not arg:
+        repl.out.text(repl.session.conversation.system or "(no system prompt)")
+        return
+    previous = repl.name if repl.session.conversation.turns else None
+    repl.new_conversation(system=arg)
+    saved = f"; the previous one is saved as '{previous}'" if previous else ""
+    repl.out.note(f"system prompt set; new conversation{saved}")
+
+
+def _regen(repl: Repl, arg: str) -> None:
+    turn = repl.session.drop_last()
+    if turn is None:
+        raise CommandError("nothing to regenerate yet")
+    repl.reply_to(turn.user)
+
+
+def _undo(repl: Repl, arg: str) -> None:
+    turn = repl.session.drop_last()
+    if turn is None:
+        raise CommandError("nothing to undo")
+    repl.autosave()
+    preview = turn.user if len(turn.user) <= 50 else turn.user[:47] + "..."
+    repl.out.note(f"removed the last exchange ({preview!r})")
+
+
+def _save(repl: Repl, arg: str) -> None:
+    path = repl.save_as(arg) if arg else repl.autosave(force=True)
+    repl.out.note(f"saved as '{repl.name}' ({path})")
+
+
+def _load(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise CommandError("which session? /load NAME (/sessions lists them)")
+    repl.open_session(arg)
+
+
+def _sessions(repl: Repl, arg: str) -> None:
+    from wizardchat.store import SessionSummary
+
+    found: list[SessionSummary] = repl.store.list()
+    if not found:
+        repl.out.note("no saved sessions yet")
+        return
+    repl.out.rows([("name", "turns", "last used")] + [session_row(s) for s in found], header=True)
+
+
+def _read(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise CommandError("which file? /read FILE")
+    path = Path(arg).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\0" in data[:8192]:
+        raise CommandError(f"{path} looks like a binary file, not text")
+    text = data.decode("utf-8", errors="replace").rstrip()
+    repl.reply_to(f"--- File: {path.name} ---\n{text}\n--- End of {path.name} ---")
+
+
+def _set(repl: Repl, arg: str) -> None:
+    if not arg:
+        width = max(map(len, PARAMS))
+        repl.out.text(
+            "\n".join(f"  {p.name:<{width}}  {p.get(repl)!s:<8}  {p.help}" for p in PARAMS.values())
+        )
+        return
+    key, _, value = arg.partition(" ")
+    param = PARAMS.get(key.replace("-", "_"))
+    if param is None:
+        raise CommandError(f"unknown setting {key!r}{_did_you_mean(key, PARAMS)}; /set lists them")
+    if not value.strip():
+        raise CommandError(f"/set {param.name} needs a value ({param.help})")
+    try:
+        parsed = param.parse(value.strip())
+    except CommandError as e:
+        raise CommandError(f"/set {param.name}: {e}") from None
+    param.put(repl, parsed)
+    repl.out.note(f"{param.name} = {parsed}")
+
+
+def _show(repl: Repl, arg: str) -> None:
+    conv = repl.session.conversation
+    rows = [
+        *repl.engine.describe(),
+        ("session", f"{repl.name} ({len(conv.turns)} turns; {len(conv.tokens())} tokens)"),
+    ]
+    repl.out.rows(rows)
+
+
+def _stats(repl: Repl, arg: str) -> None:
+    last = repl.session.last
+    if last is None:
+        raise CommandError("no reply yet")
+    t = last.timings
+    repl.out.rows(
+        [
+            ("prompt tokens", f"{last.prompt_tokens} ({last.evaluated_tokens} evaluated)"),
+            ("prompt speed", f"{t.get('prompt_tokens_per_second', 0.0):.1f} tok/s"),
+            ("time to first token", f"{t.get('prompt_seconds', 0.0):.3f} s"),
+            ("generated tokens", str(last.completion_tokens)),
+            ("generation speed", f"{t.get('decode_tokens_per_second', 0.0):.1f} tok/s"),
+            ("finish", last.finish),
+        ]
+    )
+
+
+def _prompt(repl: Repl, arg: str) -> None:
+    conv = repl.session.conversation
+    repl.out.text(
+        f"--- prompt: {len(conv.tokens())} tokens ---\n{conv.text()}\n--- end of prompt ---"
+    )
+
+
+def _edit(repl: Repl, arg: str) -> None:
+    text = compose_in_editor(arg)
+    if not text.strip():
+        repl.out.note("empty message: nothing sent")
+        return
+    repl.reply_to(text.strip())
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("help", "", "show this help", _help, aliases=("?",)),
+    Command("exit", "", "leave (Ctrl-D works too)", _exit, aliases=("quit", "bye")),
+    Command("clear", "", "start a new conversation", _clear),
+    Command("system", "[TEXT]", "show the system prompt, or set it (new conversation)", _system),
+    Command("regen", "", "drop the last reply and generate it again", _regen),
+    Command("undo", "", "drop the last exchange", _undo),
+    Command("save", "[NAME]", "save the conversation (as NAME from now on)", _save),
+    Command("load", "NAME", "continue a saved conversation", _load, completes="session"),
+    Command("sessions", "", "list saved conversations", _sessions),
+    Command("read", "FILE", "send a text file as the next message", _read, completes="path"),
+    Command("edit", "", "compose the next message in $EDITOR", _edit),
+    Command("set", "[KEY VALUE]", "show or change sampling settings", _set, completes="setting"),
+    Command("show", "", "model, quant, context, threads and offload", _show),
+    Command("stats", "", "speed and token counts of the last reply", _stats),
+    Command("prompt", "", "the exact prompt text of the conversation so far", _prompt),
+)
+
+BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
+
+
+def _did_you_mean(word: str, known: Any) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def find(name: str) -> Command:
+    """The command called `name` (no slash), or a CommandError suggesting the nearest."""
+    command = BY_NAME.get(name.lower())
+    if command is None:
+        close = difflib.get_close_matches(name.lower(), list(BY_NAME), n=1, cutoff=0.5)
+        hint = f"; did you mean /{close[0]}?" if close else ""
+        raise CommandError(f"unknown command /{name}{hint} (/help lists the commands)")
+    return command
+
+
+def session_row(s: Any) -> tuple[str, str, str]:
+    """A (name, turns, last used) row for a SessionSummary."""
+    import time
+
+    turns = "unreadable" if s.turns is None else str(s.turns)
+    return s.name, turns, time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
+
+
+def editor_command() -> list[str]:
+    """$VISUAL or $EDITOR, else the first common editor found."""
+    for var in ("VISUAL", "EDITOR"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return shlex.split(value)
+    for name in ("editor", "nano", "vim", "vi"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise CommandError("no editor found: set $EDITOR (e.g. export EDITOR=nano)")
+
+
+def compose_in_editor(initial: str = "") -> str:
+    """Open the user's editor on a temporary file and return what they saved."""
+    command = editor_command()
+    fd, name = tempfile.mkstemp(prefix="wizardchat-", suffix=".md")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(initial)
+        try:
+            code = subprocess.call([*command, str(path)])
+        except OSError as e:
+            raise CommandError(f"cannot start the editor {command[0]!r}: {e.strerror}") from None
+        if code != 0:
+            raise CommandError(f"the editor exited with status {code}: nothing sent")
+        return path.read_text(encoding="utf-8", errors="replace")
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,379 @@
+"""The interactive chat: read a message or a slash command, stream the reply, autosave.
+
+Ctrl-C while a reply streams does not raise: a SIGINT handler asks the session to stop after
+the current token, so the renderer finishes cleanly, the partial reply stays in the history and
+the next message works. A second Ctrl-C during the same reply raises KeyboardInterrupt at once
+(for a reply stuck in a long prompt evaluation). Keyboard echo is off while a reply streams, so
+keys pressed then (and the terminal's ^C) do not scribble over it; typed-ahead text is kept for
+the next prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from wizardchat import commands
+from wizardchat.errors import WizardchatError
+from wizardchat.reader import PROMPT, LineReader
+from wizardchat.session import ChatSession, TurnResult
+from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name, check_name
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# How many past exchanges a resumed conversation shows.
+SHOWN_ON_RESUME = 10
+
+
+class ReplEngine(Protocol):
+    """What the REPL asks of the loaded model beyond chatting (for /set and /show)."""
+
+    model_name: str
+    n_ctx: int
+    seed: int
+
+    @property
+    def sampling(self) -> Any: ...
+
+    def set_sampling(self, **changes: Any) -> None: ...
+
+    def set_seed(self, seed: int) -> None: ...
+
+    def describe(self) -> list[tuple[str, str]]: ...
+
+
+class Output(Protocol):
+    """Where the REPL writes: replies, notes, errors, tables."""
+
+    def reply(self, chunks: Iterator[str]) -> str: ...
+
+    def note(self, text: str) -> None: ...
+
+    def error(self, text: str) -> None: ...
+
+    def text(self, text: str) -> None: ...
+
+    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None: ...
+
+    def past_turn(self, user: str, reply: str) -> None: ...
+
+
+def _table_lines(rows: Sequence[tuple[str, ...]], header: bool) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+class PlainOutput:
+    """Plain text: replies and command output on stdout, notes and errors on stderr."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out, self.err = out, err
+
+    def reply(self, chunks: Iterator[str]) -> str:
+        from wizardchat.render import stream_plain
+
+        try:
+            text = stream_plain(chunks, self.out)
+        finally:
+            self.out.write("\n")
+            self.out.flush()
+        return text
+
+    def note(self, text: str) -> None:
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def error(self, text: str) -> None:
+        self.note(f"error: {text}")
+
+    def text(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
+        self.text("\n".join(_table_lines(rows, header)))
+
+    def past_turn(self, user: str, reply: str) -> None:
+        self.text(f"{PROMPT}{user}\n{reply}\n")
+
+
+class RichOutput:
+    """Markdown replies streamed with rich; dim notes; errors in red on stderr."""
+
+    def __init__(self, console: Console, err_console: Console) -> None:
+        self.console, self.err_console = console, err_console
+
+    def reply(self, chunks: Iterator[str]) -> str:
+        from wizardchat.markdown_stream import stream_markdown
+
+        return stream_markdown(chunks, self.console)
+
+    def note(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style="dim"))
+
+    def error(self, text: str) -> None:
+        from rich.text import Text
+
+        self.err_console.print(Text(f"error: {text}", style="red"))
+
+    def text(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text), soft_wrap=True)  # exact text: the terminal wraps it
+
+    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
+        from rich.table import Table
+
+        table = Table(box=None, show_header=header, header_style="bold", pad_edge=False)
+        for i, title in enumerate(rows[0]):
+            table.add_column(title if header else "", style="bold" if i == 0 and not header else "")
+        for row in rows[1:] if header else rows:
+            table.add_row(*row)
+        self.console.print(table)
+
+    def past_turn(self, user: str, reply: str) -> None:
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        self.console.print(Text(PROMPT + user, style="bold"))
+        self.console.print(Markdown(reply))
+        self.console.print()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def stats_line(last: TurnResult) -> str:
+    """The dim line after a reply: tokens, speed, time to first token."""
+    t = last.timings
+    return (
+        f"{last.completion_tokens} tokens · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s · "
+        f"first token {t.get('prompt_seconds', 0.0):.2f} s"
+    )
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(cancel: Callable[[], None]) -> Iterator[None]:
+    """While active, the first Ctrl-C calls `cancel`; a second one raises KeyboardInterrupt."""
+    pressed = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+        cancel()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
+    """Stop the terminal echoing keys (and ^C) into a streaming reply; keep what is typed."""
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield  # not a terminal (or not POSIX): nothing to silence
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+class Repl:
+    """One interactive chat on a loaded model."""
+
+    session: ChatSession
+    engine: ReplEngine
+    store: SessionStore
+    reader: LineReader
+    out: Output
+
+    def __init__(
+        self,
+        session: ChatSession,
+        engine: ReplEngine,
+        store: SessionStore,
+        reader: LineReader,
+        out: Output,
+        *,
+        show_stats: bool = True,
+        stdin: TextIO | None = None,
+    ) -> None:
+        self.session = session
+        self.engine = engine
+        self.store = store
+        self.reader = reader
+        self.out = out
+        self.show_stats = show_stats
+        self.stdin = stdin or sys.stdin
+        self._name: str | None = None  # chosen at the first save unless the user names it
+        self.created = time.time()
+
+    # --- the conversation and its file ---------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The session's name (an automatic one is picked the first time it is needed)."""
+        if self._name is None:
+            base = auto_name()
+            name, n = base, 1
+            while self.store.exists(name):
+                n += 1
+                name = f"{base}-{n}"
+            self._name = name
+        return self._name
+
+    def name_session(self, name: str) -> None:
+        """Use `name` for this conversation from now on (it need not exist yet)."""
+        self._name = check_name(name)
+
+    def autosave(self, force: bool = False) -> Path | None:
+        """Write the conversation to its session file (after every turn; atomic)."""
+        conv = self.session.conversation
+        on_disk = self._name is not None and self.store.exists(self._name)
+        if not conv.turns and not force and not on_disk:
+            return None  # nothing said yet: leave no empty sessions behind
+        saved = SavedSession(
+            name=self.name,
+            system=conv.system,
+            turns=[SavedTurn(t.user, t.reply, t.interrupted) for t in conv.turns],
+            model=self.engine.model_name,
+            created=self.created,
+        )
+        return self.store.save(saved)
+
+    def save_as(self, name: str) -> Path | None:
+        """/save NAME: this conversation is NAME from now on (an automatic file is renamed)."""
+        check_name(name)
+        if name != self._name and self.store.exists(name):
+            raise commands.CommandError(
+                f"a session named '{name}' exists already: /load it, or pick another name"
+            )
+        old = self._name
+        self._name = name
+        path = self.autosave(force=True)
+        if old is not None and old != name and old.startswith("chat-") and self.store.exists(old):
+            self.store.remove(old)  # the unnamed copy is now the named one
+        return path
+
+    def open_session(self, name: str) -> None:
+        """Continue a saved conversation (the current one stays saved)."""
+        saved = self.store.load(name)
+        self.session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
+        self._name, self.created = saved.name, saved.created or time.time()
+        self.show_history(saved)
+
+    def new_conversation(self, system: str | None = None) -> None:
+        """A fresh conversation under a new automatic name."""
+        self.session.reset(system=system)
+        self._name, self.created = None, time.time()
+
+    def show_history(self, saved: SavedSession) -> None:
+        """Print the last exchanges of a conversation being continued."""
+        turns = saved.turns
+        skipped = max(0, len(turns) - SHOWN_ON_RESUME)
+        self.out.note(
+            f"continuing '{saved.name}': {_plural(len(turns), 'turn')}"
+            + (f" ({skipped} earlier not shown)" if skipped else "")
+        )
+        if saved.model and saved.model != self.engine.model_name:
+            self.out.note(f"(it was held with {saved.model})")
+        for t in turns[skipped:]:
+            self.out.past_turn(t.user, t.reply + (" [interrupted]" if t.interrupted else ""))
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def status(self) -> str:
+        """The toolbar: model, context use, session."""
+        used = len(self.session.conversation.tokens())
+        name = self._name or "new conversation"
+        return f" {self.engine.model_name} · {used}/{self.engine.n_ctx} tokens · {name} "
+
+    def run(self, resume: str | None = None) -> None:
+        """Chat (continuing session `resume`) until /exit, Ctrl-D, or Ctrl-C twice."""
+        self.out.note(
+            f"{self.engine.model_name} · context {self.engine.n_ctx} tokens · "
+            "/help for commands · Ctrl-D to exit"
+        )
+        if resume:
+            self.open_session(resume)
+        armed = False  # a Ctrl-C on an empty line was just pressed
+        while True:
+            try:
+                text = self.reader.read(self.status())
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                if armed:
+                    break
+                armed = True
+                self.out.note("(Ctrl-C again or Ctrl-D to exit)")
+                continue
+            armed = False
+            try:
+                self.handle(text)
+            except commands.LeaveRepl:
+                break
+            except WizardchatError as e:
+                self.out.error(str(e))
+        if self._name is not None and self.store.exists(self._name):
+            self.out.note(f"saved as '{self._name}' · wizardchat run --resume continues it")
+
+    def handle(self, text: str) -> None:
+        """One line from the user: a command, or a message to answer."""
+        message = text.strip()
+        if not message:
+            return
+        if message.startswith("//"):
+            self.reply_to(message[1:])
+        elif message.startswith("/"):
+            name, _, arg = message[1:].partition(" ")
+            if not name:
+                name = "help"
+            commands.find(name).handler(self, arg.strip())
+        else:
+            self.reply_to(message)
+
+    def reply_to(self, message: str) -> None:
+        """Send a message, stream the reply, report, autosave."""
+        chunks: Generator[str, None, None] = self.session.send(message)
+        with keyboard_echo_off(self.stdin), ctrl_c_cancels(self.session.cancel):
+            try:
+                self.out.reply(chunks)
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C: the reply ends here, as the first one would have
+            finally:
+                chunks.close()  # records the turn now, however the reply ended
+        last = self.session.last
+        if last is not None:
+            if last.finish == "interrupted":
+                self.out.note("[interrupted]")
+            if self.show_stats:
+                self.out.note(stats_line(last))
+        self.out.text("")
+        self.autosave()

@@ -1,0 +1,327 @@
+"""The interactive REPL, driven in a real pty with pexpect: the installed `wizardchat run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import WIZARDCHAT, Models, run_cli
+from gguf_models import SCRIPT_REPLY
+
+# prompt-toolkit draws the prompt's trailing space as a cursor move, so the prompt is `>>>` and an
+# escape sequence; a resumed conversation's echoed messages (`>>> text`) do not match.
+TOOLKIT_PROMPT = r">>>(?=\x1b\[)"
+PLAIN_PROMPT = r">>> $"
+CURSOR_POSITION_REQUEST = r"\x1b\[6n"
+UP = "\x1b[A"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
+
+
+def clean(text: str) -> str:
+    """Terminal output without escape sequences and carriage returns."""
+    return ANSI.sub("", text)
+
+
+class Chat:
+    """A `wizardchat run` in a pty (80x30), with helpers that wait for what a user would see."""
+
+    def __init__(self, *args: str, term: str = "xterm-256color", env: dict[str, str] | None = None):
+        environ = {**os.environ, "TERM": term}
+        environ.pop("NO_COLOR", None)
+        environ.update(env or {})
+        self.prompt = PLAIN_PROMPT if term == "dumb" else TOOLKIT_PROMPT
+        self.child = pexpect.spawn(
+            WIZARDCHAT,
+            ["run", *args],
+            env=environ,
+            encoding="utf-8",
+            dimensions=(30, 80),
+            timeout=30,
+        )
+        self.expect("/help for commands")
+        self.intro = clean(self.wait_prompt())  # what is shown before the first prompt
+
+    def expect(self, pattern: str) -> str:
+        """Wait for a regex, answering prompt-toolkit's cursor position requests on the way
+        (as a terminal does; without answers it cannot tell the screen's height and hides the
+        toolbar). Returns the output before the match."""
+        seen = []
+        while self.child.expect([pattern, CURSOR_POSITION_REQUEST]) == 1:
+            seen.append(str(self.child.before))
+            self.child.send("\x1b[1;1R")
+        return "".join(seen) + str(self.child.before)
+
+    def wait_prompt(self) -> str:
+        """Wait for the input prompt; return what was printed before it."""
+        return self.expect(self.prompt)
+
+    def send(self, line: str) -> str:
+        """Type a line and press Enter; return the output until the next prompt, cleaned."""
+        self.child.send(line + "\r")
+        self.expect(re.escape(line[-10:]))  # the echo, so the output below is the answer
+        return clean(self.wait_prompt())
+
+    def exit(self) -> int:
+        """Ctrl-D, and the exit status."""
+        self.child.sendcontrol("d")
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return int(self.child.exitstatus if self.child.exitstatus is not None else -1)
+
+    def kill(self) -> None:
+        if self.child.isalive():
+            self.child.kill(signal.SIGKILL)
+        self.child.close(force=True)
+
+
+@pytest.fixture
+def chats() -> Iterator[type[Chat]]:
+    """Chat processes that are always stopped after the test."""
+    made: list[Chat] = []
+
+    class Tracked(Chat):
+        def __init__(self, *args: str, **kw: object) -> None:
+            super().__init__(*args, **kw)  # type: ignore[arg-type]
+            made.append(self)
+
+    yield Tracked
+    for chat in made:
+        chat.kill()
+
+
+def test_a_message_gets_a_streamed_reply_and_a_stats_line(
+    models: Models, chats: type[Chat]
+) -> None:
+    chat = chats("-m", str(models.scripted))
+    out = chat.send("Hi there")
+    assert SCRIPT_REPLY in out
+    assert re.search(r"9 tokens · [\d.]+ tok/s · first token [\d.]+ s", out), out
+    assert chat.exit() == 0
+
+
+def test_toolbar_shows_model_and_context_use(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.scripted), "-c", "2048")
+    chat.send("Hi")
+    chat.expect(r"scripted\.gguf · (\d+)/2048 tokens")
+    assert int(chat.child.match.group(1)) > 40  # system prompt + one exchange
+    assert chat.exit() == 0
+
+
+def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
+    chat = chats("-m", str(models.scripted), "--no-stats")
+    chat.send("first question")
+
+    out = chat.send("/stats")
+    assert re.search(r"prompt tokens\s+\d+ \(\d+ evaluated\)", out), out
+    assert re.search(r"generated tokens\s+9\b", out), out
+    assert re.search(r"generation speed\s+[\d.]+ tok/s", out), out
+    assert "time to first token" in out
+
+    out = chat.send("/prompt")
+    assert "A chat between a curious user" in out
+    assert f"USER: first question ASSISTANT: {SCRIPT_REPLY}</s>" in out
+
+    assert "temperature = 0.0" in chat.send("/set temperature 0")
+    assert re.search(r"temperature\s+0\.0", chat.send("/set"))
+    out = chat.send("/set temperature hot")
+    assert "'hot' is not a number" in out
+    out = chat.send("/set top_p 7")
+    assert "out of range" in out
+
+    chat.send("second question")
+    out = chat.send("/regen")
+    assert SCRIPT_REPLY in out
+    out = chat.send("/prompt")
+    assert out.count("USER: second question") == 1  # replaced, not added
+
+    assert "removed the last exchange ('second question')" in chat.send("/undo")
+    assert "second question" not in chat.send("/prompt")
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("alpha beta gamma\n", encoding="utf-8")
+    assert SCRIPT_REPLY in chat.send(f"/read {notes}")
+    assert "--- File: notes.txt ---\nalpha beta gamma" in chat.send("/prompt").replace(" \n", "\n")
+    assert "cannot read" in chat.send(f"/read {tmp_path / 'missing.txt'}")
+
+    out = chat.send("/system You answer in haiku.")
+    assert "new conversation" in out
+    assert "You answer in haiku." in chat.send("/system")
+    out = chat.send("/prompt")
+    assert out.strip().splitlines()[1] == "You answer in haiku."
+    assert "first question" not in out
+
+    out = chat.send("/stast")
+    assert "unknown command /stast; did you mean /stats?" in out
+    assert "/regen" in chat.send("/help")
+    assert chat.exit() == 0
+
+
+def test_save_and_load_in_a_new_process(models: Models, chats: type[Chat]) -> None:
+    first = chats("-m", str(models.scripted))
+    first.send("remember the number seven")
+    assert "saved as 'seven'" in first.send("/save seven")
+    assert first.exit() == 0
+
+    second = chats("-m", str(models.scripted))
+    out = second.send("/load seven")
+    assert "continuing 'seven': 1 turn" in out
+    assert "remember the number seven" in out
+    second.send("what was it?")
+    out = second.send("/prompt")
+    assert "USER: remember the number seven ASSISTANT:" in out
+    assert "USER: what was it? ASSISTANT:" in out
+    assert "no session named 'nope'" in second.send("/load nope")
+    assert second.exit() == 0
+    listing = run_cli("sessions")
+    assert re.search(r"^seven\s+2\s", listing.stdout, re.M), listing.stdout
+
+
+def test_ctrl_c_stops_a_long_reply_and_the_next_message_works(
+    models: Models, chats: type[Chat]
+) -> None:
+    chat = chats("-m", str(models.slow), "-n", "100000", "-c", "8192", "--seed", "3")
+    chat.child.send("tell me everything\r")
+    chat.expect("everything")
+    chat.expect(r"[^\s\x1b]{20}")  # the reply is streaming
+    chat.child.sendcontrol("c")
+    out = clean(chat.wait_prompt())
+    assert "[interrupted]" in out
+    assert "Traceback" not in out
+    stats = re.search(r"(\d+) tokens · ", out)
+    assert stats and 0 < int(stats.group(1)) < 7000  # stopped early, not at the context's end
+    chat.send("/set max_tokens 5")
+    out = chat.send("and now?")
+    assert "5 tokens · " in out
+    assert "[interrupted]" not in out
+    assert chat.exit() == 0
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(
+    models: Models, chats: type[Chat]
+) -> None:
+    chat = chats("-m", str(models.scripted))
+    chat.child.send("half a thought")
+    chat.child.sendcontrol("c")
+    out = chat.send("/prompt")  # the cleared text must not be part of this line
+    assert "unknown command" not in out and "--- prompt:" in out
+    chat.child.sendcontrol("c")
+    chat.expect("Ctrl-C again or Ctrl-D to exit")
+    chat.child.sendcontrol("c")
+    chat.child.expect(pexpect.EOF)
+    chat.child.close()
+    assert chat.child.exitstatus == 0
+    assert "Traceback" not in clean(str(chat.child.before))
+
+
+def test_multi_line_input(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.scripted))
+    chat.child.send('"""\rline one\rline two\r"""\r')
+    chat.wait_prompt()
+    chat.child.send("and\x1b\rmore\r")  # Alt-Enter inserts a newline
+    chat.wait_prompt()
+    chat.child.send("\x1b[200~pasted one\npasted two\x1b[201~\r")  # bracketed paste
+    chat.wait_prompt()
+    out = chat.send("/prompt")
+    assert "USER: line one\nline two ASSISTANT:" in out
+    assert "USER: and\nmore ASSISTANT:" in out
+    assert "USER: pasted one\npasted two ASSISTANT:" in out
+    assert out.count(" ASSISTANT:") == 3  # three messages, not six
+    assert chat.exit() == 0
+
+
+def test_edit_composes_in_editor(models: Models, chats: type[Chat], tmp_path: Path) -> None:
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "written in the editor" > "$1"\n')
+    editor.chmod(0o755)
+    chat = chats("-m", str(models.scripted), env={"EDITOR": str(editor), "VISUAL": ""})
+    assert SCRIPT_REPLY in chat.send("/edit")
+    assert "USER: written in the editor ASSISTANT:" in chat.send("/prompt")
+    assert chat.exit() == 0
+
+
+def test_input_history_survives_a_restart(models: Models, chats: type[Chat]) -> None:
+    first = chats("-m", str(models.scripted))
+    first.send("a message worth repeating")
+    assert first.exit() == 0
+    second = chats("-m", str(models.scripted))
+    second.child.send(UP)
+    second.expect("a message worth repeating")
+    second.child.send("\r")
+    second.wait_prompt()
+    assert "USER: a message worth repeating" in second.send("/prompt")
+    assert second.exit() == 0
+
+
+def test_killed_after_a_reply_then_resume_shows_that_turn(
+    models: Models, chats: type[Chat], isolated_home: Path
+) -> None:
+    first = chats("-m", str(models.scripted))
+    first.send("do not lose this")
+    first.kill()  # SIGKILL: no exit handlers, nothing flushed at exit
+    saved = list((isolated_home / "data" / "sessions").glob("*.json"))
+    assert len(saved) == 1
+    second = chats("-m", str(models.scripted), "--resume")
+    out = second.intro
+    assert "continuing" in out and "do not lose this" in out and SCRIPT_REPLY in out
+    second.send("and more")
+    # The restored history is evaluated once on the first new turn, then reused.
+    first_turn = re.search(r"\((\d+) evaluated\)", second.send("/stats"))
+    second.send("and again")
+    next_turn = re.search(r"prompt tokens\s+(\d+) \((\d+) evaluated\)", second.send("/stats"))
+    assert first_turn and next_turn
+    assert int(first_turn.group(1)) > 50
+    assert int(next_turn.group(2)) < 15 < int(next_turn.group(1))
+    assert second.exit() == 0
+    data = json.loads(saved[0].read_text(encoding="utf-8"))
+    assert [t["user"] for t in data["turns"]] == ["do not lose this", "and more", "and again"]
+
+
+def test_corrupt_session_is_reported_and_left_untouched(
+    models: Models, chats: type[Chat], isolated_home: Path
+) -> None:
+    sessions = isolated_home / "data" / "sessions"
+    sessions.mkdir(parents=True)
+    broken = sessions / "broken.json"
+    broken.write_text('{"version": 1, "turns": [', encoding="utf-8")
+    child = pexpect.spawn(
+        WIZARDCHAT, ["run", "-m", str(models.scripted), "--session", "broken"], encoding="utf-8"
+    )
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    message = clean(str(child.before)).strip()
+    assert child.exitstatus == 7
+    assert message.count("\n") == 0 and "session 'broken' is corrupt" in message, message
+    chat = chats("-m", str(models.scripted))
+    assert "is corrupt" in chat.send("/load broken")
+    chat.send("hello")
+    assert chat.exit() == 0
+    assert broken.read_text(encoding="utf-8") == '{"version": 1, "turns": ['
+
+
+def test_dumb_terminal_gets_plain_line_input(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.scripted), term="dumb")
+    chat.child.send("plain please\r")
+    chat.expect(re.escape(SCRIPT_REPLY))
+    raw = chat.wait_prompt()
+    assert "\x1b" not in raw  # no escape codes at all
+    assert chat.exit() == 0
+
+
+def test_sessions_command_lists_and_removes(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.scripted), "--session", "alpha")
+    chat.send("one")
+    chat.send("two")
+    assert chat.exit() == 0
+    listing = run_cli("sessions")
+    assert listing.code == 0
+    assert re.search(r"^alpha\s+2\s+\d{4}-\d\d-\d\d \d\d:\d\d$", listing.stdout, re.M)
+    assert run_cli("sessions", "rm", "alpha").code == 0
+    missing = run_cli("sessions", "rm", "alpha")
+    assert missing.code == 7 and "no session named 'alpha'" in missing.stderr
+    assert run_cli("run", "-m", "x", "--session", "../etc").code == 7
