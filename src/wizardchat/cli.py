@@ -279,7 +279,7 @@ def ask(
     max_tokens: MaxTokOpt = None,
     verbose: VerboseOpt = None,
 ) -> None:
-    """Answer one prompt: the reply streams to stdout, all else to stderr."""
+    """Answer one prompt: the reply to stdout, all else to stderr."""
     flags = {
         k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")
     }
@@ -439,7 +439,7 @@ def _repl(
 
 
 sessions_app = typer.Typer(
-    help="List saved conversations, or remove one (sessions rm NAME).",
+    help="List saved conversations; sessions rm NAME deletes one.",
     no_args_is_help=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},

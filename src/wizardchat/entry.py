@@ -20,8 +20,9 @@ Options:
   -h, --help  Show this message and exit.
 
 Commands:
-  ask  Answer one prompt: the reply streams to stdout, all else to stderr.
-  run  Chat on a terminal, or answer piped lines (batch mode).
+  ask       Answer one prompt: the reply to stdout, all else to stderr.
+  run       Chat on a terminal, or answer piped lines (batch mode).
+  sessions  List saved conversations; sessions rm NAME deletes one.
 """
 
 
