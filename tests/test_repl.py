@@ -325,3 +325,37 @@ def test_sessions_command_lists_and_removes(models: Models, chats: type[Chat]) -
     missing = run_cli("sessions", "rm", "alpha")
     assert missing.code == 7 and "no session named 'alpha'" in missing.stderr
     assert run_cli("run", "-m", "x", "--session", "../etc").code == 7
+
+
+@pytest.mark.parametrize("how", ["--plain", "NO_COLOR"])
+def test_plain_replies_have_no_escape_codes(models: Models, chats: type[Chat], how: str) -> None:
+    args = ["-m", str(models.scripted), *(["--plain"] if how == "--plain" else [])]
+    chat = chats(*args, env={"NO_COLOR": "1"} if how == "NO_COLOR" else None)
+    chat.child.send("Hi there\r")
+    chat.expect("there")
+    raw = chat.wait_prompt()
+    # From the reply to the end of the stats line: the text alone, no styling or padding.
+    start = raw.index(SCRIPT_REPLY)
+    end = raw.index("\n", raw.index("tok/s"))
+    assert re.fullmatch(rf"{re.escape(SCRIPT_REPLY)}\r\n9 tokens · [^\x1b]*\r", raw[start:end])
+    assert chat.exit() == 0
+
+
+def test_output_to_a_file_is_the_replies_alone(models: Models, tmp_path: Path) -> None:
+    transcript = tmp_path / "out.txt"
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", f'"{WIZARDCHAT}" run -m "{models.scripted}" > "{transcript}"'],
+        encoding="utf-8",
+        timeout=30,
+    )
+    child.expect_exact("/help for commands")
+    child.expect_exact(">>> ")  # the prompt goes to stderr, which is still the terminal
+    child.send("Hi\r")
+    child.expect(r"tok/s.*\r\n")
+    child.expect_exact(">>> ")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert transcript.read_text(encoding="utf-8") == f"{SCRIPT_REPLY}\n\n"
