@@ -165,3 +165,29 @@ def test_default_context_is_the_models_not_512(models, engine_factory, tmp_path:
     big = write_model(tmp_path / "ctx.gguf", n_ctx_train=6144)
     engine = engine_factory(big, ctx_size=0)
     assert engine.n_ctx == 6144
+
+
+def test_cancel_aborts_a_prompt_evaluation_and_the_cache_stays_consistent(
+    models, engine_factory
+) -> None:
+    import threading
+
+    engine = engine_factory(models.slow, ctx_size=8192)
+    prompt = [engine.bos, *engine.tokenize("word " * 2000)]  # 4000 tokens: two 2048 batches
+    cancelled = threading.Event()
+    cancelled.set()  # Ctrl-C arrived before llama.cpp even started
+    stream = engine.stream(prompt, 5, cancelled, abort_prompt=True)
+    assert list(stream) == []
+    assert stream.stats.finish == "interrupted"
+    kept = engine.llm.n_tokens
+    assert kept < len(prompt)  # stopped inside the prompt, not after it
+
+    # The next reply evaluates exactly what the cache lacks, and works.
+    fresh = engine.stream(prompt, 3, threading.Event(), abort_prompt=True)
+    assert len(list(fresh)) == 3 and fresh.stats.finish == "length"
+    assert fresh.stats.evaluated_tokens == len(prompt) - kept
+
+    # Without abort_prompt the flag only stops generation: the prompt is evaluated whole.
+    other = [engine.bos, *engine.tokenize("other " * 1500)]
+    stream = engine.stream(other, 5, cancelled, abort_prompt=False)
+    assert len(list(stream)) == 1 and engine.llm.n_tokens == len(other)

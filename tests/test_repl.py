@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,6 +200,23 @@ def test_ctrl_c_stops_a_long_reply_and_the_next_message_works(
     out = chat.send("and now?")
     assert "5 tokens · " in out
     assert "[interrupted]" not in out
+    assert chat.exit() == 0
+
+
+def test_ctrl_c_stops_a_long_prompt_evaluation(
+    models: Models, chats: type[Chat], tmp_path: Path
+) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 3400, encoding="utf-8")  # ~6800 tokens: about a second to evaluate
+    chat = chats("-m", str(models.slow), "-c", "8192", "-n", "5")
+    chat.child.send(f"/read {big}\r")
+    chat.expect("big.txt")
+    time.sleep(0.2)
+    chat.child.sendcontrol("c")
+    out = clean(chat.wait_prompt())
+    assert "[interrupted]" in out and "0 tokens · " in out, out
+    assert "Traceback" not in out and "Exception ignored" not in out
+    assert "5 tokens · " in chat.send("and now a short one")
     assert chat.exit() == 0
 
 

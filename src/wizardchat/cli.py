@@ -435,6 +435,7 @@ def _repl(
         setting_names=commands.PARAMS,
     )
     session.notify = out.note
+    session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
     return Repl(session, engine, store, reader, out, show_stats=show_stats)
 
 

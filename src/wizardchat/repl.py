@@ -1,11 +1,10 @@
 """The interactive chat: read a message or a slash command, stream the reply, autosave.
 
 Ctrl-C while a reply streams does not raise: a SIGINT handler asks the session to stop after
-the current token, so the renderer finishes cleanly, the partial reply stays in the history and
-the next message works. A second Ctrl-C during the same reply raises KeyboardInterrupt at once
-(for a reply stuck in a long prompt evaluation). Keyboard echo is off while a reply streams, so
-keys pressed then (and the terminal's ^C) do not scribble over it; typed-ahead text is kept for
-the next prompt.
+the current token (or, while the prompt is still being evaluated, llama.cpp to abort it), so the
+renderer finishes cleanly, the partial reply stays in the history and the next message works.
+Keyboard echo is off while a reply streams, so keys pressed then (and the terminal's ^C) do not
+scribble over it; typed-ahead text is kept for the next prompt.
 """
 
 from __future__ import annotations
@@ -167,14 +166,13 @@ def stats_line(last: TurnResult) -> str:
 
 @contextlib.contextmanager
 def ctrl_c_cancels(cancel: Callable[[], None]) -> Iterator[None]:
-    """While active, the first Ctrl-C calls `cancel`; a second one raises KeyboardInterrupt."""
-    pressed = False
+    """While active, Ctrl-C calls `cancel` instead of raising KeyboardInterrupt.
+
+    Never raising matters: the handler may run inside llama.cpp's abort callback, and an
+    exception there would be lost, not stop anything.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal pressed
-        if pressed:
-            raise KeyboardInterrupt
-        pressed = True
         cancel()
 
     previous = signal.signal(signal.SIGINT, handler)
@@ -365,8 +363,6 @@ class Repl:
         with keyboard_echo_off(self.stdin), ctrl_c_cancels(self.session.cancel):
             try:
                 self.out.reply(chunks)
-            except KeyboardInterrupt:
-                pass  # a second Ctrl-C: the reply ends here, as the first one would have
             finally:
                 chunks.close()  # records the turn now, however the reply ended
         last = self.session.last

@@ -43,7 +43,11 @@ class ChatEngine(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def stream(
-        self, prompt: Sequence[int], max_tokens: int, cancel: threading.Event
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        cancel: threading.Event,
+        abort_prompt: bool = False,
     ) -> TokenStreamLike: ...
 
 
@@ -131,6 +135,8 @@ class ChatSession:
         self.notify = notify
         self.show_prompt = show_prompt
         self.cancel_event = threading.Event()
+        # Set by callers whose Ctrl-C only calls cancel(): then it stops a prompt's evaluation too.
+        self.abort_prompt = False
         self.last: TurnResult | None = None
         self.conversation = self._new_conversation(system)
 
@@ -183,7 +189,10 @@ class ChatSession:
             self.show_prompt(conv.text(turn), len(prompt))
         self.cancel_event.clear()
         stream = self.engine.stream(
-            prompt, conv.max_reply_tokens(turn, self.max_tokens), self.cancel_event
+            prompt,
+            conv.max_reply_tokens(turn, self.max_tokens),
+            self.cancel_event,
+            abort_prompt=self.abort_prompt,
         )
         result = TurnResult(prompt=text, evicted_turns=evicted)
         self.last = result

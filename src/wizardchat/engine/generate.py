@@ -78,6 +78,31 @@ class PieceDecoder:
         return self._utf8.decode(self.piece_bytes(token))
 
 
+class PromptAbort:
+    """Lets `cancel` stop llama.cpp in the middle of evaluating a prompt.
+
+    A long prompt (a pasted file, a resumed conversation) can keep llama_decode busy for minutes
+    on a CPU, and Python runs no signal handler until it returns. llama.cpp's abort callback is
+    called by the CPU backend between graph nodes on the calling thread; the Python SIGINT
+    handler runs there too, sets `cancel`, and the callback's True makes llama_decode return 2.
+    It is installed only while the prompt is evaluated: per token it would cost more than the
+    token itself on a small model. Only for callers whose SIGINT handler does not raise (an
+    exception cannot leave a ctypes callback and would be lost).
+    """
+
+    def __init__(self, llm: CountingLlama, cancel: threading.Event) -> None:
+        self._ctx = llm._ctx.ctx
+        self._callback = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
+        llama_cpp.llama_set_abort_callback(self._ctx, self._callback, None)
+        self.active = True
+
+    def remove(self) -> None:
+        """Back to no callback (a NULL function pointer)."""
+        if self.active:
+            llama_cpp.llama_set_abort_callback(self._ctx, llama_cpp.ggml_abort_callback(), None)
+            self.active = False
+
+
 @dataclass
 class TokenStream:
     """Generates one reply's tokens for a full prompt; iterate it for (token id, text) pairs."""
@@ -87,6 +112,7 @@ class TokenStream:
     sampling: Sampling
     max_tokens: int
     cancel: threading.Event = field(default_factory=threading.Event)
+    abort_prompt: bool = False  # let `cancel` stop the prompt's evaluation too (PromptAbort)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -108,9 +134,13 @@ class TokenStream:
             repeat_penalty=s.repeat_penalty,
             reset=True,
         )
+        abort = PromptAbort(llm, self.cancel) if self.abort_prompt else None
         try:
             for token in tokens:
                 now = time.perf_counter()
+                if abort is not None:  # the prompt is evaluated: no callback per generated token
+                    abort.remove()
+                    abort = None
                 if stats.completion_tokens == 0:
                     first_at = now
                     stats.prompt_seconds = now - start
@@ -126,10 +156,18 @@ class TokenStream:
                     break
                 if stats.completion_tokens >= self.max_tokens:
                     break
+        except RuntimeError:
+            if not (abort is not None and self.cancel.is_set()):
+                raise
+            # llama_decode returned 2: aborted. llama.cpp dropped the unfinished batch from the
+            # KV cache, and Llama counts only the batches that finished, so the two agree.
+            stats.finish = "interrupted"
         except (KeyboardInterrupt, GeneratorExit):
             # Ctrl-C inside llama.cpp's eval, or the consumer stopped reading: either way the
             # reply ends here, and the KV cache stays valid for the tokens it holds.
             stats.finish = "interrupted"
             raise
         finally:
+            if abort is not None:
+                abort.remove()
             tokens.close()

@@ -44,10 +44,14 @@ class LlamaEngine:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def stream(
-        self, prompt: Sequence[int], max_tokens: int, cancel: threading.Event
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        cancel: threading.Event,
+        abort_prompt: bool = False,
     ) -> TokenStream:
         """A token stream for one reply."""
-        return TokenStream(self.llm, prompt, self.sampling, max_tokens, cancel)
+        return TokenStream(self.llm, prompt, self.sampling, max_tokens, cancel, abort_prompt)
 
     def set_sampling(self, **changes: Any) -> None:
         """Change sampler settings for the next replies (names as in `Sampling`)."""
