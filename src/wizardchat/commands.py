@@ -251,7 +251,11 @@ def _show(repl: Repl, arg: str) -> None:
     conv = repl.session.conversation
     rows = [
         *repl.engine.describe(),
-        ("session", f"{repl.name} ({len(conv.turns)} turns; {len(conv.tokens())} tokens)"),
+        (
+            "session",
+            f"{repl.name} ({len(conv.turns)} turn{'' if len(conv.turns) == 1 else 's'}, "
+            f"{len(conv.tokens())} tokens in context)",
+        ),
     ]
     repl.out.rows(rows)
 
