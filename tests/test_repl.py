@@ -32,7 +32,13 @@ def clean(text: str) -> str:
 class Chat:
     """A `wizardchat run` in a pty (80x30), with helpers that wait for what a user would see."""
 
-    def __init__(self, *args: str, term: str = "xterm-256color", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *args: str,
+        term: str = "xterm-256color",
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         environ = {**os.environ, "TERM": term}
         environ.pop("NO_COLOR", None)
         environ.update(env or {})
@@ -44,6 +50,7 @@ class Chat:
             encoding="utf-8",
             dimensions=(30, 80),
             timeout=30,
+            cwd=str(cwd) if cwd else None,
         )
         self.expect("/help for commands")
         self.intro = clean(self.wait_prompt())  # what is shown before the first prompt
@@ -116,7 +123,8 @@ def test_toolbar_shows_model_and_context_use(models: Models, chats: type[Chat]) 
 
 def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
     chat = chats("-m", str(models.scripted), "--no-stats")
-    chat.send("first question")
+    out = chat.send("first question")
+    assert SCRIPT_REPLY in out and "tok/s" not in out  # --no-stats
 
     out = chat.send("/stats")
     assert re.search(r"prompt tokens\s+\d+ \(\d+ evaluated\)", out), out
@@ -178,6 +186,7 @@ def test_save_and_load_in_a_new_process(models: Models, chats: type[Chat]) -> No
     assert "USER: remember the number seven ASSISTANT:" in out
     assert "USER: what was it? ASSISTANT:" in out
     assert "no session named 'nope'" in second.send("/load nope")
+    assert re.search(r"seven\s+2\s", second.send("/sessions"))
     assert second.exit() == 0
     listing = run_cli("sessions")
     assert re.search(r"^seven\s+2\s", listing.stdout, re.M), listing.stdout
@@ -260,6 +269,29 @@ def test_edit_composes_in_editor(models: Models, chats: type[Chat], tmp_path: Pa
     chat = chats("-m", str(models.scripted), env={"EDITOR": str(editor), "VISUAL": ""})
     assert SCRIPT_REPLY in chat.send("/edit")
     assert "USER: written in the editor ASSISTANT:" in chat.send("/prompt")
+    chat.child.sendcontrol("g")  # Ctrl-G: the editor's text comes back to the line, unsent
+    chat.expect("written in the editor")
+    chat.child.send("!\r")
+    chat.wait_prompt()
+    assert "USER: written in the editor! ASSISTANT:" in chat.send("/prompt")
+    assert chat.exit() == 0
+
+
+def test_tab_completes_commands_and_paths(
+    models: Models, chats: type[Chat], tmp_path: Path
+) -> None:
+    (tmp_path / "quarterly-report.txt").write_text("numbers\n", encoding="utf-8")
+    chat = chats("-m", str(models.scripted), cwd=tmp_path)
+    chat.child.send("/sta\t")
+    chat.expect("ts")  # completed to /stats
+    chat.child.send("\r")
+    chat.expect("no reply yet")  # /stats ran
+    chat.wait_prompt()
+    chat.child.send("/read quar\t")
+    chat.expect("terly-report.txt")
+    chat.child.send("\r")
+    chat.wait_prompt()
+    assert "--- File: quarterly-report.txt ---" in chat.send("/prompt")
     assert chat.exit() == 0
 
 

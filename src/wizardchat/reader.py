@@ -106,7 +106,8 @@ class ToolkitReader:
             key_bindings=_key_bindings(),
             bottom_toolbar=lambda: self._status,
             enable_open_in_editor=True,
-            prompt_continuation=lambda width, line, wrap: CONTINUATION.rjust(width),
+            # "... " starts each new line of a message; a long line wraps under its own text.
+            prompt_continuation=lambda width, line, wrap: " " * width if wrap else CONTINUATION,
         )
 
     def read(self, status: str) -> str:
