@@ -171,10 +171,16 @@ def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
     assert chat.exit() == 0
 
 
-def test_save_and_load_in_a_new_process(models: Models, chats: type[Chat]) -> None:
+def test_save_and_load_in_a_new_process(
+    models: Models, chats: type[Chat], isolated_home: Path
+) -> None:
+    sessions = isolated_home / "data" / "sessions"
     first = chats("-m", str(models.scripted))
     first.send("remember the number seven")
+    names = [p.name for p in sessions.iterdir()]
+    assert len(names) == 1 and names[0].startswith("chat-")  # autosaved
     assert "saved as 'seven'" in first.send("/save seven")
+    assert [p.name for p in sessions.iterdir()] == ["seven.json"]  # renamed, not copied
     assert first.exit() == 0
 
     second = chats("-m", str(models.scripted))
@@ -209,6 +215,21 @@ def test_ctrl_c_stops_a_long_reply_and_the_next_message_works(
     out = chat.send("and now?")
     assert "5 tokens · " in out
     assert "[interrupted]" not in out
+    assert chat.exit() == 0
+
+
+def test_keys_typed_during_a_reply_wait_for_the_prompt(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.slow), "-n", "100000", "-c", "8192", "--seed", "3")
+    chat.child.send("go on\r")
+    chat.expect("go on")
+    chat.expect(r"[^\s\x1b]{20}")  # the reply is streaming
+    chat.child.send("/prompt\r")  # typed ahead, Enter included
+    chat.child.sendcontrol("c")
+    during = chat.expect(re.escape("[interrupted]"))
+    assert "/prompt" not in during and "^C" not in during  # no echo into the reply
+    out = clean(chat.expect(r"--- end of prompt ---"))
+    assert "USER: go on ASSISTANT:" in out  # /prompt ran: the Enter sent it
+    chat.wait_prompt()
     assert chat.exit() == 0
 
 
@@ -247,12 +268,15 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(
 
 
 def test_multi_line_input(models: Models, chats: type[Chat]) -> None:
-    chat = chats("-m", str(models.scripted))
+    chat = chats("-m", str(models.scripted), "--no-stats")
     chat.child.send('"""\rline one\rline two\r"""\r')
+    chat.expect(re.escape(SCRIPT_REPLY))
     chat.wait_prompt()
     chat.child.send("and\x1b\rmore\r")  # Alt-Enter inserts a newline
+    chat.expect(re.escape(SCRIPT_REPLY))
     chat.wait_prompt()
     chat.child.send("\x1b[200~pasted one\npasted two\x1b[201~\r")  # bracketed paste
+    chat.expect(re.escape(SCRIPT_REPLY))
     chat.wait_prompt()
     out = chat.send("/prompt")
     assert "USER: line one\nline two ASSISTANT:" in out

@@ -367,8 +367,11 @@ def run(
     verbose: VerboseOpt = None,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
-    own = {"resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt", "own"}
-    flags = {k: v for k, v in locals().items() if k not in own}
+    flags = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt")
+    }
     settings = _settings(flags)
     from wizardchat import paths
     from wizardchat.store import SessionStore, check_name
@@ -393,7 +396,7 @@ def run(
             repl = _repl(engine, session, store, plain=plain, show_stats=not no_stats)
             if saved is None and session_name:
                 repl.name_session(session_name)
-            repl.run(resume=saved.name if saved else None)
+            repl.run(resume=saved)
             return
         from wizardchat import batch
 

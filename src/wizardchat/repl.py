@@ -184,7 +184,13 @@ def ctrl_c_cancels(cancel: Callable[[], None]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
-    """Stop the terminal echoing keys (and ^C) into a streaming reply; keep what is typed."""
+    """Stop the terminal echoing keys (and ^C) into a streaming reply; keep what is typed.
+
+    Keys typed meanwhile wait for the next prompt as they were pressed: no line editing and no
+    CR-to-NL mapping by the terminal, or an Enter typed ahead would arrive as Ctrl-J (a newline
+    in the message) instead of sending it. Ctrl-C still raises SIGINT, without the terminal's
+    usual flush of what was typed before it (NOFLSH).
+    """
     try:
         import termios
 
@@ -194,7 +200,9 @@ def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
         yield  # not a terminal (or not POSIX): nothing to silence
         return
     quiet = list(saved)
-    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    quiet[0] &= ~termios.ICRNL
+    quiet[3] &= ~(termios.ECHO | termios.ICANON | getattr(termios, "ECHOCTL", 0))
+    quiet[3] |= termios.NOFLSH
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
     try:
         yield
@@ -230,6 +238,7 @@ class Repl:
         self.show_stats = show_stats
         self.stdin = stdin or sys.stdin
         self._name: str | None = None  # chosen at the first save unless the user names it
+        self._auto_named = False  # the name is a chat-... one wizardchat picked
         self.created = time.time()
 
     # --- the conversation and its file ---------------------------------------------------
@@ -243,12 +252,12 @@ class Repl:
             while self.store.exists(name):
                 n += 1
                 name = f"{base}-{n}"
-            self._name = name
+            self._name, self._auto_named = name, True
         return self._name
 
     def name_session(self, name: str) -> None:
         """Use `name` for this conversation from now on (it need not exist yet)."""
-        self._name = check_name(name)
+        self._name, self._auto_named = check_name(name), False
 
     def autosave(self, force: bool = False) -> Path | None:
         """Write the conversation to its session file (after every turn; atomic)."""
@@ -272,18 +281,22 @@ class Repl:
             raise commands.CommandError(
                 f"a session named '{name}' exists already: /load it, or pick another name"
             )
-        old = self._name
-        self._name = name
+        old = self._name if self._auto_named else None
+        self.name_session(name)
         path = self.autosave(force=True)
-        if old is not None and old != name and old.startswith("chat-") and self.store.exists(old):
-            self.store.remove(old)  # the unnamed copy is now the named one
+        if old is not None and old != name and self.store.exists(old):
+            self.store.remove(old)  # the automatically named copy is now the named one
         return path
 
     def open_session(self, name: str) -> None:
         """Continue a saved conversation (the current one stays saved)."""
-        saved = self.store.load(name)
+        self.continue_session(self.store.load(name))
+
+    def continue_session(self, saved: SavedSession) -> None:
+        """Make `saved` the conversation, and show its last exchanges."""
         self.session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
-        self._name, self.created = saved.name, saved.created or time.time()
+        self.name_session(saved.name)
+        self.created = saved.created or time.time()
         self.show_history(saved)
 
     def new_conversation(self, system: str | None = None) -> None:
@@ -312,14 +325,14 @@ class Repl:
         name = self._name or "new conversation"
         return f" {self.engine.model_name} · {used}/{self.engine.n_ctx} tokens · {name} "
 
-    def run(self, resume: str | None = None) -> None:
+    def run(self, resume: SavedSession | None = None) -> None:
         """Chat (continuing session `resume`) until /exit, Ctrl-D, or Ctrl-C twice."""
         self.out.note(
             f"{self.engine.model_name} · context {self.engine.n_ctx} tokens · "
             "/help for commands · Ctrl-D to exit"
         )
-        if resume:
-            self.open_session(resume)
+        if resume is not None:
+            self.continue_session(resume)
         armed = False  # a Ctrl-C on an empty line was just pressed
         while True:
             try:
@@ -339,6 +352,8 @@ class Repl:
                 break
             except WizardchatError as e:
                 self.out.error(str(e))
+            except KeyboardInterrupt:  # a command (not a reply: that Ctrl-C only cancels)
+                self.out.note("[interrupted]")
         if self._name is not None and self.store.exists(self._name):
             self.out.note(f"saved as '{self._name}' · wizardchat run --resume continues it")
 
