@@ -6,6 +6,7 @@ the commands that need them, so `wizardchat --help` starts about as fast as Pyth
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -57,7 +59,7 @@ def _o(*names: str, name: str, panel: str = LLAMA, **kw: Any) -> Any:
 
 
 # Options shared by `ask` and `run`, spelled as llama.cpp spells them.
-ModelOpt = Annotated[str | None, _o("--model", "-m", name="model", panel=MODEL, metavar="PATH")]
+ModelOpt = Annotated[str | None, _o("--model", "-m", name="model", panel=MODEL, metavar="REF")]
 CtxOpt = Annotated[int | None, _o("--ctx-size", "-c", name="ctx_size")]
 NglOpt = Annotated[int | None, _o("--n-gpu-layers", "-ngl", name="n_gpu_layers")]
 ThreadsOpt = Annotated[int | None, _o("--threads", "-t", name="threads")]
@@ -84,6 +86,15 @@ RepeatOpt = Annotated[float | None, _o("--repeat-penalty", name="repeat_penalty"
 SeedOpt = Annotated[int | None, _o("--seed", "-s", name="seed", panel=SAMPLING)]
 MaxTokOpt = Annotated[int | None, _o("--max-tokens", "-n", name="max_tokens", panel=SAMPLING)]
 VerboseOpt = Annotated[bool | None, _o("--verbose", "-v", name="verbose", panel=MODEL)]
+YesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help="Download a model that is not here without asking.",
+        rich_help_panel=MODEL,
+    ),
+]
 VerbosePromptOpt = Annotated[
     bool,
     typer.Option(
@@ -99,16 +110,22 @@ def _err(message: str) -> None:
     sys.stderr.flush()
 
 
-def _settings(flags: dict[str, Any]) -> Settings:
+def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False) -> Settings:
+    """The run's settings, with a model reference resolved to a file (pulled if need be)."""
     if flags.get("override_tensor") == []:
         flags["override_tensor"] = None
     settings = load_settings(flags)
-    if settings.model_path is None:
+    if settings.model is None:
         raise NoModelError(
-            "no model given: pass --model PATH (a .gguf file or its first shard), "
+            "no model given: pass --model wizardlm2-8x22b (downloads it), a .gguf path, "
             "or set WIZARDCHAT_MODEL or 'model' in config.toml"
         )
-    return settings
+    from wizardchat.pulling import confirm_on_terminal, resolve_model
+
+    path = resolve_model(
+        settings.model, yes=yes, can_ask=can_ask, confirm=confirm_on_terminal, err=sys.stderr
+    )
+    return dataclasses.replace(settings, model=str(path))
 
 
 @contextmanager
@@ -255,6 +272,7 @@ def ask(
         bool, typer.Option("--json", help="Print one JSON object with the reply and its stats.")
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
+    yes: YesOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     ctx_size: CtxOpt = None,
@@ -281,14 +299,17 @@ def ask(
 ) -> None:
     """Answer one prompt: the reply to stdout, all else to stderr."""
     flags = {
-        k: v for k, v in locals().items() if k not in ("prompt", "json_output", "verbose_prompt")
+        k: v
+        for k, v in locals().items()
+        if k not in ("prompt", "json_output", "verbose_prompt", "yes")
     }
     piped = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin_text().strip()
     parts = [p for p in (piped, (prompt or "").strip()) if p]
     if not parts:
         raise UsageError('nothing to ask: give a prompt (wizardchat ask "...") or pipe text in')
     text = "\n\n".join(parts)
-    settings = _settings(flags)
+    can_ask = sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
+    settings = _settings(flags, yes=yes, can_ask=can_ask)
     with _engine(settings, verbose_prompt) as (engine, session):
         if json_output:
             reply = "".join(session.send(text))
@@ -342,6 +363,7 @@ def run(
         bool, typer.Option("--jsonl", help='Batch mode: stdin lines are {"prompt": ...} objects.')
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
+    yes: YesOpt = False,
     model: ModelOpt = None,
     system: SystemOpt = None,
     ctx_size: CtxOpt = None,
@@ -370,9 +392,9 @@ def run(
     flags = {
         k: v
         for k, v in locals().items()
-        if k not in ("resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt")
+        if k
+        not in ("resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt", "yes")
     }
-    settings = _settings(flags)
     from wizardchat import paths
     from wizardchat.store import SessionStore, check_name
 
@@ -381,6 +403,7 @@ def run(
     interactive = sys.stdin is not None and sys.stdin.isatty() and not jsonl
     if not interactive and (resume or session_name):
         raise UsageError("--resume and --session are for the interactive chat on a terminal")
+    settings = _settings(flags, yes=yes, can_ask=interactive)
     store = SessionStore(paths.sessions_dir())
     # Read the saved conversation before loading the model: a bad name or file fails fast.
     saved = None
@@ -440,6 +463,102 @@ def _repl(
     session.notify = out.note
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
     return Repl(session, engine, store, reader, out, show_stats=show_stats)
+
+
+@app.command()
+@_guarded
+def pull(
+    ref: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[REF]",
+            help="wizardlm2-8x22b[:QUANT], wizardlm2-7b[:QUANT] or OWNER/REPO[:QUANT] "
+            "(default: the configured model, else wizardlm2-8x22b).",
+        ),
+    ] = None,
+    list_quants: Annotated[
+        bool,
+        typer.Option(
+            "--list", help="Show the quants, their sizes and which fit; download nothing."
+        ),
+    ] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=16, help="Files downloaded at once.")
+    ] = 4,
+) -> None:
+    """Download a model from the Hugging Face hub: every shard, resumable, verified."""
+    from wizardchat import hub
+    from wizardchat.catalog import choose_quant, parse_ref
+    from wizardchat.pulling import default_ref, memory_budget, pull_quant, quant_table
+    from wizardchat.repl import PlainOutput
+
+    configured = load_settings({}).model
+    parsed = parse_ref(ref or default_ref(configured))
+    if isinstance(parsed, Path):
+        raise UsageError(f"{parsed} is a local path; pull takes a model reference")
+    model = hub.list_remote(parsed)
+    if not model.quants:
+        raise NoModelError(f"{parsed.repo} has no GGUF files")
+    if list_quants:
+        rows, _ = quant_table(model, parsed)
+        PlainOutput(sys.stdout, sys.stderr).rows(rows)
+        return
+    quant = choose_quant(model.quants, parsed, memory_budget(parsed))
+    path = pull_quant(model, quant, sys.stderr, workers=workers)
+    sys.stdout.write(f"{path}\n")
+
+
+@app.command()
+@_guarded
+def models() -> None:
+    """List the models in the hub cache: reference, quant, size, complete or not, path."""
+    from wizardchat import hubcache
+    from wizardchat.catalog import human_size
+    from wizardchat.repl import PlainOutput
+
+    found = hubcache.local_models()
+    if not found:
+        _err(f"no models in {hubcache.cache_dir()} yet (wizardchat pull downloads one)")
+        return
+    rows: list[tuple[str, ...]] = [("REFERENCE", "QUANT", "SIZE", "STATUS", "PATH")]
+    for m in found:
+        status = (
+            "complete" if m.complete else f"incomplete {_percent(m.size_on_disk, m.total_size)}"
+        )
+        rows.append((m.reference, m.quant, human_size(m.size_on_disk), status, str(m.path)))
+    PlainOutput(sys.stdout, sys.stderr).rows(rows)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part // whole}%" if whole else "?"
+
+
+@app.command()
+@_guarded
+def rm(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="REPO or REFERENCE[:QUANT] to delete.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+) -> None:
+    """Delete a downloaded model's files and report the space freed."""
+    from wizardchat import hubcache
+    from wizardchat.catalog import human_size, parse_ref
+    from wizardchat.pulling import confirm_on_terminal
+
+    parsed = parse_ref(ref)
+    if isinstance(parsed, Path):
+        raise UsageError(f"{parsed} is a path; rm takes a model reference (see wizardchat models)")
+    targets = [m for m in hubcache.local_models(parsed.repo) if parsed.quant in (None, m.quant)]
+    if not targets:
+        raise NoModelError(f"{parsed} is not downloaded (wizardchat models lists what is)")
+    size = sum(m.size_on_disk for m in targets)
+    names = ", ".join(f"{m.repo}:{m.quant}" for m in targets)
+    if not yes:
+        if not (sys.stdin is not None and sys.stdin.isatty()):
+            raise UsageError(f"rm {ref}: pass --yes to delete {names} without a terminal to ask")
+        if not confirm_on_terminal(f"delete {names} ({human_size(size)})? [y/N] "):
+            raise UsageError("nothing deleted")
+    freed = sum(hubcache.remove(m) for m in targets)
+    _err(f"deleted {names}: {human_size(freed)} freed ({freed} bytes)")
 
 
 sessions_app = typer.Typer(

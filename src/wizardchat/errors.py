@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     LOAD_FAILED = 5  # llama.cpp refused to load the model or create the context
     CONTEXT = 6  # a message does not fit in the context window
     SESSION = 7  # a saved session is missing, unreadable or corrupt
+    DOWNLOAD = 8  # the hub or the network failed, a file did not verify, or the disk is too full
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -59,3 +60,9 @@ class SessionError(WizardchatError):
     """A saved session cannot be found, read or written."""
 
     exit_code = ExitCode.SESSION
+
+
+class HubError(WizardchatError):
+    """A download from the hub failed: network, authorization, verification or disk space."""
+
+    exit_code = ExitCode.DOWNLOAD

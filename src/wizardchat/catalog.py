@@ -1,0 +1,218 @@
+"""The WizardLM-2 family on the Hugging Face hub (data), model references, and GGUF file layouts.
+
+Quantizers publish a quant in one of four layouts, all seen for WizardLM-2 8x22B:
+- gguf-split files side by side: `WizardLM-2-8x22B.Q4_K_M-00001-of-00005.gguf` (MaziyarPanahi);
+- gguf-split inside a per-quant folder whose name ends in .gguf:
+  `WizardLM-2-8x22B-Q4_K_M.gguf/WizardLM-2-8x22B-Q4_K_M-00001-of-00005.gguf` (bartowski);
+- raw byte parts to be joined: `WizardLM-2-8x22B.Q4_K_S.gguf.part1of2` (mradermacher);
+- one file: `WizardLM-2-7B.Q5_K_M.gguf`, and the 8x22B IQ1 quants.
+llama.cpp loads gguf-split shards from the first one; byte parts must be concatenated first.
+Everything here is pure: no network, no disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wizardchat.errors import NoModelError, UsageError
+
+DEFAULT_QUANT = "Q4_K_M"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model of the catalog: where it is published and its shape (for KV cache sizing)."""
+
+    name: str
+    repo: str
+    alternatives: tuple[str, ...]
+    n_layer: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+
+    def kv_bytes_per_token(self) -> int:
+        """An f16 K and V cache's bytes per token."""
+        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 2
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            name="wizardlm2-8x22b",
+            repo="MaziyarPanahi/WizardLM-2-8x22B-GGUF",
+            alternatives=(
+                "bartowski/WizardLM-2-8x22B-GGUF",
+                "mradermacher/WizardLM-2-8x22B-GGUF",
+                "mradermacher/WizardLM-2-8x22B-i1-GGUF",
+            ),
+            n_layer=56,
+            n_head_kv=8,
+            head_dim=128,
+            n_ctx_train=65536,
+        ),
+        Family(
+            name="wizardlm2-7b",
+            repo="MaziyarPanahi/WizardLM-2-7B-GGUF",
+            alternatives=("bartowski/WizardLM-2-7B-GGUF", "mradermacher/WizardLM-2-7B-GGUF"),
+            n_layer=32,
+            n_head_kv=8,
+            head_dim=128,
+            n_ctx_train=32768,
+        ),
+    )
+}
+DEFAULT_FAMILY = "wizardlm2-8x22b"
+
+_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_QUANT_RE = re.compile(
+    r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|F16|FP16|F32|BF16|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_PART_RE = re.compile(r"\.gguf\.part(\d+)of(\d+)$")
+
+
+def human_size(n: int) -> str:
+    """Bytes for people: 85.6 GB, 512.0 MB, 12.3 KB, 100 B (decimal units, as the hub shows)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model on the hub: a repository and maybe a quant (None: the default or best fit)."""
+
+    repo: str
+    quant: str | None = None
+    family: Family | None = None
+
+    def __str__(self) -> str:
+        name = self.family.name if self.family and self.repo == self.family.repo else self.repo
+        return f"{name}:{self.quant}" if self.quant else name
+
+
+def parse_ref(text: str) -> ModelRef | Path:
+    """`wizardlm2-8x22b[:QUANT]`, `OWNER/REPO[:QUANT]`, or a local path (returned as a Path)."""
+    text = text.strip()
+    path = Path(text).expanduser()
+    if path.exists() or text.endswith(".gguf") or text.startswith((".", "/", "~")):
+        return path
+    name, _, quant = text.partition(":")
+    quant_name = quant.strip().upper() or None
+    if quant_name is not None and not _QUANT_RE.fullmatch(quant_name):
+        raise UsageError(f"{text!r}: {quant!r} is not a quant name such as Q4_K_M or IQ2_XS")
+    family = FAMILIES.get(name.lower())
+    if family is not None:
+        return ModelRef(family.repo, quant_name, family)
+    if _REPO_RE.fullmatch(name):
+        known = next((f for f in FAMILIES.values() if name in (f.repo, *f.alternatives)), None)
+        return ModelRef(name, quant_name, known)
+    raise NoModelError(
+        f"{text!r} is neither a file nor a model reference: use a path to a .gguf file, "
+        f"{' or '.join(FAMILIES)} (with :QUANT), or OWNER/REPO:QUANT"
+    )
+
+
+def quant_of(filename: str) -> str | None:
+    """The quant a GGUF file name carries (Q4_K_M, IQ2_XS, ...), or None."""
+    stem = _PART_RE.sub("", _SPLIT_RE.sub("", Path(filename).name))
+    stem = stem.removesuffix(".gguf")
+    found = _QUANT_RE.findall(stem)
+    return found[-1].upper().replace("FP16", "F16") if found else None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repository: path in the repo, size, LFS sha256 (None for non-LFS files)."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass
+class Quant:
+    """The files of one quant, in order, and how they make a loadable model."""
+
+    name: str
+    layout: str  # "single", "split" (gguf-split shards) or "parts" (bytes to join)
+    files: list[RemoteFile] = field(default_factory=list)
+    expected: int = 1  # how many files the names say there are
+
+    @property
+    def size(self) -> int:
+        """Bytes of all its files."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every shard or part the names announce is there."""
+        return len(self.files) == self.expected
+
+    @property
+    def model_path(self) -> str:
+        """The path (in the repo or snapshot) llama.cpp loads: first shard or the joined file."""
+        if self.layout == "parts":
+            return _PART_RE.sub(".gguf", self.files[0].path)
+        return self.files[0].path
+
+
+def _is_model_file(path: str) -> bool:
+    name = Path(path).name.lower()
+    if "mmproj" in name or name.startswith("."):
+        return False
+    return name.endswith(".gguf") or bool(_PART_RE.search(name))
+
+
+def group_quants(files: Iterable[RemoteFile]) -> dict[str, Quant]:
+    """The repository's quants by name (the first layout found wins when one appears twice)."""
+    quants: dict[str, Quant] = {}
+    for f in sorted(files, key=lambda f: f.path):
+        if not _is_model_file(f.path):
+            continue
+        name = quant_of(f.path)
+        if name is None:
+            continue
+        part, split = _PART_RE.search(f.path), _SPLIT_RE.search(f.path)
+        layout = "parts" if part else "split" if split else "single"
+        number = part or split
+        expected = int(number.group(2)) if number else 1
+        quant = quants.setdefault(name, Quant(name, layout, expected=expected))
+        if quant.layout != layout or (layout == "single" and quant.files):
+            continue  # a second copy of the quant in another layout or name: keep the first
+        quant.files.append(f)
+    for quant in quants.values():
+        if quant.layout == "parts":  # part10of12 sorts before part2of12 as text
+            quant.files.sort(key=lambda f: int(_PART_RE.search(f.path).group(1)))  # type: ignore[union-attr]
+    return quants
+
+
+def choose_quant(quants: dict[str, Quant], ref: ModelRef, budget: int | None) -> Quant:
+    """The quant `ref` names, else the biggest complete one within `budget` bytes, else Q4_K_M."""
+    if ref.quant:
+        if ref.quant in quants:
+            return quants[ref.quant]
+        known = ", ".join(sort_quants(quants)) or "none"
+        raise NoModelError(f"{ref.repo} has no quant {ref.quant}; it has: {known}")
+    complete = [q for q in quants.values() if q.complete]
+    if not complete:
+        raise NoModelError(f"{ref.repo} has no complete GGUF quant")
+    if budget is not None:
+        fitting = [q for q in complete if q.size <= budget]
+        if fitting:
+            return max(fitting, key=lambda q: q.size)
+    if DEFAULT_QUANT in quants and quants[DEFAULT_QUANT].complete:
+        return quants[DEFAULT_QUANT]
+    return min(complete, key=lambda q: q.size)
+
+
+def sort_quants(quants: dict[str, Quant]) -> list[str]:
+    """Quant names from the largest to the smallest."""
+    return sorted(quants, key=lambda name: -quants[name].size)
