@@ -486,7 +486,7 @@ def pull(
         int, typer.Option("--workers", min=1, max=16, help="Files downloaded at once.")
     ] = 4,
 ) -> None:
-    """Download a model from the Hugging Face hub: every shard, resumable, verified."""
+    """Download a model from the hub: all shards, resumable, verified."""
     from wizardchat import hub
     from wizardchat.catalog import choose_quant, parse_ref
     from wizardchat.pulling import default_ref, memory_budget, pull_quant, quant_table
@@ -511,7 +511,7 @@ def pull(
 @app.command()
 @_guarded
 def models() -> None:
-    """List the models in the hub cache: reference, quant, size, complete or not, path."""
+    """List downloaded models: reference, quant, size, status, path."""
     from wizardchat import hubcache
     from wizardchat.catalog import human_size
     from wizardchat.repl import PlainOutput
@@ -539,7 +539,7 @@ def rm(
     ref: Annotated[str, typer.Argument(metavar="REF", help="REPO or REFERENCE[:QUANT] to delete.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
-    """Delete a downloaded model's files and report the space freed."""
+    """Delete a downloaded model and report the space freed."""
     from wizardchat import hubcache
     from wizardchat.catalog import human_size, parse_ref
     from wizardchat.pulling import confirm_on_terminal

@@ -22,6 +22,9 @@ Options:
 Commands:
   ask       Answer one prompt: the reply to stdout, all else to stderr.
   run       Chat on a terminal, or answer piped lines (batch mode).
+  pull      Download a model from the hub: all shards, resumable, verified.
+  models    List downloaded models: reference, quant, size, status, path.
+  rm        Delete a downloaded model and report the space freed.
   sessions  List saved conversations; sessions rm NAME deletes one.
 """
 
