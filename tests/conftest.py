@@ -49,12 +49,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own WIZARDCHAT_HOME and no WIZARDCHAT_* settings from outside."""
+    """Every test gets its own WIZARDCHAT_HOME and hub cache, no WIZARDCHAT_* settings from
+    outside, and HF_HUB_OFFLINE=1 unless it starts a loopback hub."""
     for key in list(os.environ):
         if key.startswith("WIZARDCHAT_"):
             monkeypatch.delenv(key)
     home = tmp_path / "home"
     monkeypatch.setenv("WIZARDCHAT_HOME", str(home))
+    # Never the user's hub cache, never the network: tests that pull point HF_* at a local hub.
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     return home
 
 

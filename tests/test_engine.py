@@ -94,9 +94,9 @@ def test_missing_model_file(tmp_path: Path) -> None:
     _one_error_line(r, ExitCode.NO_MODEL, "not found", "nope.gguf")
 
 
-def test_no_model_configured_says_how_to_get_one() -> None:
-    r = run_cli("ask", "Hi")
-    _one_error_line(r, ExitCode.NO_MODEL, "--model", "WIZARDCHAT_MODEL")
+def test_no_model_configured_means_wizardlm2_8x22b_and_says_how_to_get_it() -> None:
+    r = run_cli("ask", "Hi")  # offline (conftest) with an empty hub cache
+    _one_error_line(r, ExitCode.NO_MODEL, "wizardlm2-8x22b", "--model")
 
 
 def test_not_a_gguf(tmp_path: Path) -> None:

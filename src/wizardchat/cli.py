@@ -115,15 +115,15 @@ def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False
     if flags.get("override_tensor") == []:
         flags["override_tensor"] = None
     settings = load_settings(flags)
-    if settings.model is None:
-        raise NoModelError(
-            "no model given: pass --model wizardlm2-8x22b (downloads it), a .gguf path, "
-            "or set WIZARDCHAT_MODEL or 'model' in config.toml"
-        )
+    from wizardchat.catalog import DEFAULT_FAMILY
     from wizardchat.pulling import confirm_on_terminal, resolve_model
 
     path = resolve_model(
-        settings.model, yes=yes, can_ask=can_ask, confirm=confirm_on_terminal, err=sys.stderr
+        settings.model or DEFAULT_FAMILY,
+        yes=yes,
+        can_ask=can_ask,
+        confirm=confirm_on_terminal,
+        err=sys.stderr,
     )
     return dataclasses.replace(settings, model=str(path))
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -365,13 +364,21 @@ def _join(repo: str, snapshot: Path, quant: Quant, progress: Progress) -> None:
 
 
 def resolve_local(ref: ModelRef) -> Path | None:
-    """The cached, complete model for `ref`, or None."""
-    found = hubcache.find_complete(ref.repo, ref.quant)
-    if found is None and ref.quant is None and ref.family is not None:
-        from wizardchat.catalog import DEFAULT_QUANT
+    """The cached, complete model for `ref`, or None.
 
-        found = hubcache.find_complete(ref.repo, DEFAULT_QUANT)
-    return found.path if found else None
+    A catalog name (`wizardlm2-8x22b[:Q]`) also finds copies pulled from its alternative
+    repositories; without a quant, one local quant is taken as it is, and among several the
+    default (Q4_K_M) is.
+    """
+    from wizardchat.catalog import DEFAULT_QUANT
 
-
-ProgressFactory = Callable[[], Progress]
+    repos = [ref.repo]
+    if ref.family is not None and ref.repo == ref.family.repo:
+        repos += ref.family.alternatives
+    for repo in repos:
+        found = hubcache.find_complete(repo, ref.quant)
+        if found is None and ref.quant is None:
+            found = hubcache.find_complete(repo, DEFAULT_QUANT)
+        if found is not None:
+            return found.path
+    return None

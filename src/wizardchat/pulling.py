@@ -195,7 +195,8 @@ def resolve_model(text: str, *, yes: bool, can_ask: bool, confirm: Confirm, err:
         return local
     if hubcache.offline():
         raise NoModelError(
-            f"{ref} is not in the cache ({hubcache.cache_dir()}) and HF_HUB_OFFLINE is set"
+            f"{ref} is not in the cache ({hubcache.cache_dir()}) and HF_HUB_OFFLINE is set: "
+            "unset it to download, or pass --model PATH to a .gguf file"
         )
     model = hub.list_remote(ref)
     quant = choose_quant(model.quants, ref, memory_budget(ref))

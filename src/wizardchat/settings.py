@@ -42,7 +42,11 @@ def _opt(default: Any, help: str) -> Any:
 class Settings:
     """Everything that shapes a wizardchat run; build it with `load_settings`."""
 
-    model: str | None = _opt(None, "Path of the GGUF model (a .gguf file or its first shard).")
+    model: str | None = _opt(
+        None,
+        "The model: wizardlm2-8x22b[:QUANT] (the default), wizardlm2-7b[:QUANT], "
+        "OWNER/REPO[:QUANT] on the hub, or a .gguf path (a file or its first shard).",
+    )
     ctx_size: int = _opt(0, "Context size in tokens; 0 = the model's, capped to what fits memory.")
     n_gpu_layers: int = _opt(-1, "Layers to offload to the GPU; -1 = all when a GPU exists.")
     threads: int = _opt(0, "CPU threads for generation; 0 = the number of physical cores.")
