@@ -348,3 +348,49 @@ def test_paths_leaving_the_repository_are_refused(tmp_path: Path, monkeypatch) -
         with pytest.raises(HubError, match="leaves the repository"):
             hubmod.pull(model, quant, progress=None, cancel=threading.Event())  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lfs_pointer_instead_of_the_file_is_refused(hub: FakeHub) -> None:
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123456789\n"
+    hub.add_repo("someone/pointer-GGUF", {"m.Q4_K_M.gguf": FakeFile(pointer, lfs=False)})
+    r = run_cli("pull", "someone/pointer-GGUF:Q4_K_M")
+    assert r.code == 8 and "git-lfs pointer" in r.stderr
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_run_asks_before_downloading_and_shows_the_size(
+    hub: FakeHub, blobs: Blobs, answer: str
+) -> None:
+    import os
+
+    import pexpect
+    from conftest import WIZARDCHAT
+
+    child = pexpect.spawn(
+        WIZARDCHAT,
+        ["run", "-m", "wizardlm2-7b:Q5_K_M", "-c", "512", "--plain"],
+        env={**os.environ, "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect(r"wizardlm2-7b:Q5_K_M is not downloaded\. Download (.*)\? \[y/N\] ")
+        assert (
+            child.match.group(1) == f"{SEVEN} Q5_K_M: {human_size(len(blobs.single))} in 1 file(s)"
+        )
+        child.send(answer + "\r")
+        if answer == "n":
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == 2
+            assert sum(hub.bytes_served.values()) == 0
+            return
+        child.expect("ready in")
+        child.expect(">>> ")
+        child.send("Hi\r")
+        child.expect_exact(SCRIPT_REPLY)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
