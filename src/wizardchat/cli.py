@@ -86,6 +86,10 @@ RepeatOpt = Annotated[float | None, _o("--repeat-penalty", name="repeat_penalty"
 SeedOpt = Annotated[int | None, _o("--seed", "-s", name="seed", panel=SAMPLING)]
 MaxTokOpt = Annotated[int | None, _o("--max-tokens", "-n", name="max_tokens", panel=SAMPLING)]
 VerboseOpt = Annotated[bool | None, _o("--verbose", "-v", name="verbose", panel=MODEL)]
+RpcOpt = Annotated[
+    str | None, _o("--rpc", name="rpc", metavar="HOST:PORT[,HOST:PORT...]", panel=LLAMA)
+]
+PlanOpt = Annotated[str | None, _o("--plan", name="plan", metavar="auto|off")]
 YesOpt = Annotated[
     bool,
     typer.Option(
@@ -173,6 +177,8 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
         if bar:
             bar.done()
     plan = engine.plan
+    if sys.stderr.isatty() or settings.verbose:  # a pipe's reader wants the reply, not chatter
+        _err(engine.plan_line())
     if plan.ctx_capped:
         n_train = engine.info.arch_value("context_length", 0)
         _err(
@@ -295,9 +301,11 @@ def ask(
     repeat_penalty: RepeatOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokOpt = None,
+    rpc: RpcOpt = None,
+    plan: PlanOpt = None,
     verbose: VerboseOpt = None,
 ) -> None:
-    """Answer one prompt: the reply to stdout, all else to stderr."""
+    """Answer one prompt: the reply to stdout, the rest to stderr."""
     flags = {
         k: v
         for k, v in locals().items()
@@ -386,6 +394,8 @@ def run(
     repeat_penalty: RepeatOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokOpt = None,
+    rpc: RpcOpt = None,
+    plan: PlanOpt = None,
     verbose: VerboseOpt = None,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
@@ -486,7 +496,7 @@ def pull(
         int, typer.Option("--workers", min=1, max=16, help="Files downloaded at once.")
     ] = 4,
 ) -> None:
-    """Download a model from the hub: all shards, resumable, verified."""
+    """Download a model: all shards, resumable, verified."""
     from wizardchat import hub
     from wizardchat.catalog import choose_quant, parse_ref
     from wizardchat.pulling import default_ref, memory_budget, pull_quant, quant_table
@@ -511,7 +521,7 @@ def pull(
 @app.command()
 @_guarded
 def models() -> None:
-    """List downloaded models: reference, quant, size, status, path."""
+    """List downloaded models: reference, size, status, path."""
     from wizardchat import hubcache
     from wizardchat.catalog import human_size
     from wizardchat.repl import PlainOutput
@@ -559,6 +569,135 @@ def rm(
             raise UsageError("nothing deleted")
     freed = sum(hubcache.remove(m) for m in targets)
     _err(f"deleted {names}: {human_size(freed)} freed ({freed} bytes)")
+
+
+@app.command()
+@_guarded
+def doctor(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="REF",
+            help="The model to plan for (default: the configured one, else wizardlm2-8x22b).",
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    rpc: RpcOpt = None,
+) -> None:
+    """Show this install, this machine and the offload plan."""
+    from wizardchat import doctor as doctor_module
+
+    settings = load_settings({"model": model, "rpc": rpc})
+    if settings.rpc:
+        from wizardchat.engine.rpc import add_servers
+
+        add_servers(settings.rpc)
+    report = doctor_module.collect(settings.model)
+    if json_output:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+    else:
+        sys.stdout.write(doctor_module.render(report) + "\n")
+
+
+@app.command()
+@_guarded
+def bench(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also run llama-bench (if on PATH) and compare.")
+    ] = False,
+    reps: Annotated[int, typer.Option("--reps", min=1, max=50, help="Timed runs a test.")] = 3,
+    yes: YesOpt = False,
+    model: ModelOpt = None,
+    ctx_size: CtxOpt = None,
+    n_gpu_layers: NglOpt = None,
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+    ubatch_size: UbatchOpt = None,
+    flash_attn: FlashOpt = None,
+    cache_type_k: CtkOpt = None,
+    cache_type_v: CtvOpt = None,
+    mlock: MlockOpt = None,
+    mmap: MmapOpt = None,
+    cpu_moe: CpuMoeOpt = None,
+    n_cpu_moe: NCpuMoeOpt = None,
+    override_tensor: OtOpt = None,
+    rpc: RpcOpt = None,
+    plan: PlanOpt = None,
+    verbose: VerboseOpt = None,
+) -> None:
+    """Measure prompt and generation speed with the current plan."""
+    from wizardchat import bench as bench_module
+
+    flags = {
+        k: v for k, v in locals().items() if k not in ("json_output", "compare", "reps", "yes")
+    }
+    settings = _settings(flags, yes=yes, can_ask=sys.stdin is not None and sys.stdin.isatty())
+    with _engine(settings, verbose_prompt=False) as (engine, _):
+        bound = engine.offload_plan.decode_bound if engine.offload_plan else None
+        result = bench_module.run_bench(engine, reps=reps, bound_tps=bound, progress=_err)
+        against: dict[str, float] | None = None
+        if compare:
+            binary = bench_module.find_llama_bench()
+            if binary is None:
+                _err("--compare: no llama-bench on PATH; showing wizardchat's figures only")
+            else:
+                assert settings.model_path is not None
+                against = bench_module.run_llama_bench(
+                    binary,
+                    settings.model_path,
+                    engine.plan,
+                    reps=reps,
+                    depth=result.depth,
+                    progress=_err,
+                )
+    if json_output:
+        data = result.to_json()
+        if against is not None:
+            data["llama_bench"] = against
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+    else:
+        from wizardchat.repl import PlainOutput
+
+        PlainOutput(sys.stdout, sys.stderr).rows(bench_module.format_table(result, against))
+
+
+@app.command("rpc-worker")
+@_guarded
+def rpc_worker(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 50052,
+    device: Annotated[
+        list[str] | None,
+        typer.Option("--device", help="Backend device to serve (repeatable; default: the best)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="Keep received tensors here to reload them faster."),
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads.")] = 0,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Allow a non-loopback --host. The RPC protocol has no authentication.",
+        ),
+    ] = False,
+) -> None:
+    """Serve this machine's devices to --rpc (llama.cpp RPC)."""
+    from wizardchat.engine.rpc import serve
+
+    serve(
+        host,
+        port,
+        devices=device or (),
+        cache_dir=cache_dir,
+        threads=threads,
+        allow_remote=allow_remote,
+        announce=_err,
+    )
 
 
 sessions_app = typer.Typer(

@@ -20,12 +20,15 @@ Options:
   -h, --help  Show this message and exit.
 
 Commands:
-  ask       Answer one prompt: the reply to stdout, all else to stderr.
-  run       Chat on a terminal, or answer piped lines (batch mode).
-  pull      Download a model from the hub: all shards, resumable, verified.
-  models    List downloaded models: reference, quant, size, status, path.
-  rm        Delete a downloaded model and report the space freed.
-  sessions  List saved conversations; sessions rm NAME deletes one.
+  ask         Answer one prompt: the reply to stdout, the rest to stderr.
+  run         Chat on a terminal, or answer piped lines (batch mode).
+  pull        Download a model: all shards, resumable, verified.
+  models      List downloaded models: reference, size, status, path.
+  rm          Delete a downloaded model and report the space freed.
+  doctor      Show this install, this machine and the offload plan.
+  bench       Measure prompt and generation speed with the current plan.
+  rpc-worker  Serve this machine's devices to --rpc (llama.cpp RPC).
+  sessions    List saved conversations; sessions rm NAME deletes one.
 """
 
 

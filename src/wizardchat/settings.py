@@ -70,6 +70,14 @@ class Settings:
     max_tokens: int = _opt(
         -1, "Longest reply in tokens; -1 = until the model stops or the context is full."
     )
+    rpc: tuple[str, ...] = _opt(
+        (), "llama.cpp RPC workers (HOST:PORT, comma-separated) to spread the model over."
+    )
+    plan: str = _opt(
+        "auto",
+        "Offload plan: auto fits GPU layers, experts in RAM and context to the devices; "
+        "off leaves llama.cpp's defaults. Explicit -ngl/--n-cpu-moe/--cpu-moe/-ot win.",
+    )
     verbose: bool = _opt(False, "Send llama.cpp's log to stderr instead of the log file.")
 
     @property
@@ -142,6 +150,8 @@ def _validate(s: Settings) -> None:
             raise UsageError(f"{name} must be 1 or more, not {getattr(s, name)}")
     if s.max_tokens == 0 or s.max_tokens < -1:
         raise UsageError(f"max_tokens must be -1 or a positive number, not {s.max_tokens}")
+    if s.plan not in ("auto", "off"):
+        raise UsageError(f"plan must be auto or off, not {s.plan!r}")
     if s.temperature < 0:
         raise UsageError(f"temperature must be 0 or more, not {s.temperature}")
 

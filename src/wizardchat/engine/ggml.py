@@ -30,6 +30,11 @@ def libggml() -> Any:
         "ggml_backend_dev_buffer_type": ([vp], vp),
         "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
         "ggml_backend_buft_name": ([vp], cp),
+        "ggml_backend_reg_count": ([], sz),
+        "ggml_backend_reg_get": ([sz], vp),
+        "ggml_backend_reg_name": ([vp], cp),
+        "ggml_version": ([], cp),
+        "ggml_commit": ([], cp),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -87,3 +92,18 @@ def buffer_types() -> dict[str, int]:
 def has_gpu() -> bool:
     """Whether a GPU (dedicated or integrated) backend device is present."""
     return any(d.kind in ("GPU", "IGPU") for d in devices())
+
+
+def backends() -> list[str]:
+    """Names of the backends compiled into this llama.cpp build (CPU, CUDA, Metal, RPC...)."""
+    lib = libggml()
+    return [
+        lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+        for i in range(lib.ggml_backend_reg_count())
+    ]
+
+
+def version() -> str:
+    """ggml's version and commit, e.g. '0.25.3 (0c1e570)'."""
+    lib = libggml()
+    return f"{lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"

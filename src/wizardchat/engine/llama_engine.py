@@ -38,6 +38,8 @@ class LlamaEngine:
         self.eos = int(self.llm.token_eos())
         self.n_ctx = int(self.llm.n_ctx())
         self.model_name = self.plan.path.name
+        offload = self.plan.offload
+        self.offload_plan = offload.plan if offload else None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
@@ -64,6 +66,21 @@ class LlamaEngine:
 
     def describe(self) -> list[tuple[str, str]]:
         """What is loaded and where it sits, as (label, value) rows for /show."""
+        rows = self._describe_load()
+        if self.offload_plan is not None:
+            rows += [(f"plan: {k}", v) for k, v in self.offload_plan.rows()[1:]]
+        else:
+            reason = self.plan.offload.reason if self.plan.offload else "off"
+            rows.append(("plan", reason))
+        return rows
+
+    def plan_line(self) -> str:
+        """The plan in one line for the start of a chat."""
+        if self.offload_plan is not None:
+            return self.offload_plan.one_line()
+        return f"plan: {self.plan.offload.reason if self.plan.offload else 'off'}"
+
+    def _describe_load(self) -> list[tuple[str, str]]:
         return describe_load(
             self.plan,
             quant=quant_name(self.info),

@@ -17,7 +17,8 @@ from llama_cpp import Llama
 
 from wizardchat import hardware
 from wizardchat.engine import ggml
-from wizardchat.engine.placement import Override, OverrideArray
+from wizardchat.engine.offload import Offload, plan_offload
+from wizardchat.engine.placement import Override, OverrideArray, expert_overrides
 from wizardchat.errors import LoadError, WizardchatError
 from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
 from wizardchat.settings import KV_CACHE_TYPES, Settings
@@ -132,6 +133,7 @@ class LoadPlan:
     type_v: str
     overrides: tuple[Override, ...]
     ctx_capped: bool
+    offload: Offload | None = None  # the automatic plan and why it is on or off
 
 
 def plan_load(
@@ -148,6 +150,15 @@ def plan_load(
         kv = hardware.kv_bytes_per_token(info, settings.cache_type_k, settings.cache_type_v)
         n_ctx = hardware.default_context(n_ctx_train, kv, free)
         capped = n_ctx < n_ctx_train
+    n_gpu_layers = settings.n_gpu_layers
+    offload = plan_offload(settings, info, n_ctx, int(info.arch_value("block_count", 0)))
+    if offload.plan is not None:
+        auto = offload.plan
+        n_gpu_layers = auto.n_gpu_layers
+        if auto.n_cpu_moe and not (settings.cpu_moe or settings.n_cpu_moe):
+            overrides = overrides + expert_overrides(False, auto.n_cpu_moe)
+        if settings.ctx_size == 0 and auto.n_ctx != n_ctx:
+            n_ctx, capped = auto.n_ctx, True
     quantized_v = settings.cache_type_v not in ("f32", "f16", "bf16")
     # llama.cpp refuses a quantized V cache without flash attention; every backend wizardchat
     # builds for (CPU, CUDA, Metal) implements it, so "auto" means on.
@@ -155,7 +166,7 @@ def plan_load(
     return LoadPlan(
         path=path,
         n_ctx=n_ctx,
-        n_gpu_layers=settings.n_gpu_layers,
+        n_gpu_layers=n_gpu_layers,
         threads=settings.threads or hardware.physical_cores(),
         batch_size=settings.batch_size,
         ubatch_size=min(settings.ubatch_size, settings.batch_size),
@@ -164,6 +175,7 @@ def plan_load(
         type_v=settings.cache_type_v,
         overrides=tuple(overrides),
         ctx_capped=capped,
+        offload=offload,
     )
 
 
@@ -202,8 +214,12 @@ def load(
     info = inspect_model(path)
     if log is not None:
         route_llama_log(log)
-    override_array = OverrideArray(overrides, ggml.buffer_types())
+    if settings.rpc:  # the workers' devices must be registered before planning and loading
+        from wizardchat.engine.rpc import add_servers
+
+        add_servers(settings.rpc)
     plan = plan_load(settings, path, info, overrides)
+    override_array = OverrideArray(list(plan.overrides), ggml.buffer_types())
     hook = _Progress(progress)
     # Llama prints its own chatter to sys.stderr when verbose; keep it in the log with
     # llama.cpp's lines. verbose=True also stops it from dup2-ing fds 1 and 2 to /dev/null.

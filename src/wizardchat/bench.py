@@ -1,0 +1,481 @@
+"""`wizardchat bench`: prompt and generation speed of the loaded model, measured like llama-bench.
+
+The tests and their names are llama-bench's (tools/llama-bench/llama-bench.cpp):
+
+- ``pp512``, ``pp2048``: N token ids (BOS, then random ids from a fixed seed) evaluated from an
+  empty KV cache in batches of n_batch; the time of the whole prompt;
+- ``tg128``: 128 tokens evaluated one at a time (batch of 1), each a random id, no sampling:
+  the time of decoding alone, from an empty KV cache;
+- ``tg128 @ d4096``: the same after `depth` tokens are in the KV cache (filled once, untimed;
+  each run cuts the cache back to them, as llama-bench restores its saved state).
+
+Each test runs once untimed (warm-up), then `reps` timed runs; tok/s is the median over runs.
+The tokens go through `Llama.eval`, so the figures include llama-cpp-python's per-call cost,
+the one wizardchat's replies pay. `run_llama_bench` runs llama-bench itself with the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shlex
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from wizardchat.engine.llama_engine import LlamaEngine
+from wizardchat.engine.model import CountingLlama, LoadPlan
+
+PP_SIZES = (512, 2048)
+TG_TOKENS = 128
+AUTO_DEPTH_MAX = 4096  # the deepest context the automatic depth test uses
+AUTO_DEPTH_ROOM = 2048  # the automatic depth leaves this much of the context (plus tg) free
+AUTO_DEPTH_MIN = 512  # below this, an automatic depth test says little: skipped
+SEED = 1234
+# llama-bench's ggml_type_from_name: the only KV cache types its -ctk/-ctv accept (no f32).
+LLAMA_BENCH_KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+ALL_LAYERS = 999  # -ngl for "every layer": older llama-bench builds reject negative values
+
+
+def bench_label(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
+    """A test's name as llama-bench's markdown output writes it: pp512, tg128, tg128 @ d4096."""
+    if n_prompt > 0 and n_gen == 0:
+        name = f"pp{n_prompt}"
+    elif n_gen > 0 and n_prompt == 0:
+        name = f"tg{n_gen}"
+    else:
+        name = f"pp{n_prompt}+tg{n_gen}"
+    return f"{name} @ d{n_depth}" if n_depth > 0 else name
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One test: its name, the tokens each run processed and every timed run's seconds."""
+
+    test: str  # llama-bench's name: "pp512", "tg128", "tg128 @ d4096"
+    tokens: int
+    seconds: list[float]  # every timed run (the warm-up is not among them)
+    depth: int = 0  # tokens already in the KV cache when the timed tokens start
+
+    @property
+    def generation(self) -> bool:
+        """A tg test (one token at a time), as opposed to prompt processing."""
+        return self.test.startswith("tg")
+
+    @property
+    def samples_tps(self) -> list[float]:
+        """Tokens per second of each run."""
+        return [self.tokens / s for s in self.seconds if s > 0]
+
+    @property
+    def median_tps(self) -> float:
+        """Median tokens per second over the timed runs (0 when there are none)."""
+        samples = self.samples_tps
+        return statistics.median(samples) if samples else 0.0
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What `run_bench` measured, with the plan it ran under."""
+
+    model: str
+    plan: dict[str, Any]
+    measurements: list[Measurement]
+    bound_tps: float | None  # the plan's decode bound from memory bandwidth, when known
+    depth: int = 0  # depth of the deep tg test; 0 when it was skipped
+    notes: list[str] = field(default_factory=list)  # tests skipped, and why
+
+    def fraction_of_bound(self, m: Measurement) -> float | None:
+        """A tg test's median speed as a fraction of the bandwidth bound (None: not known)."""
+        if not m.generation or not self.bound_tps or self.bound_tps <= 0:
+            return None
+        return m.median_tps / self.bound_tps
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return {
+            "model": self.model,
+            "plan": self.plan,
+            "bound_tokens_per_second": self.bound_tps,
+            "depth": self.depth,
+            "tests": [
+                {
+                    "test": m.test,
+                    "tokens": m.tokens,
+                    "depth": m.depth,
+                    "runs": len(m.seconds),
+                    "seconds": [round(s, 6) for s in m.seconds],
+                    "samples_tokens_per_second": [round(t, 3) for t in m.samples_tps],
+                    "tokens_per_second": round(m.median_tps, 3),
+                    "fraction_of_bound": _round_or_none(self.fraction_of_bound(m), 4),
+                }
+                for m in self.measurements
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def _round_or_none(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def plan_dict(plan: LoadPlan) -> dict[str, Any]:
+    """The load plan as plain data (path as text, overrides as llama.cpp's PATTERN=BUFFER)."""
+    data = dataclasses.asdict(plan)
+    data["path"] = str(plan.path)
+    data["overrides"] = [f"{o.pattern}={o.buffer}" for o in plan.overrides]
+    return data
+
+
+# --- timing through llama-cpp-python ----------------------------------------------------------
+
+
+class _Runner:
+    """Evaluates token ids on the engine's context and times them, llama-bench's way."""
+
+    def __init__(self, llm: CountingLlama, seed: int) -> None:
+        self.llm = llm
+        vocab = llm._model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.bos = int(llm.token_bos())
+        self.rng = random.Random(seed)
+
+    def tokens(self, n: int) -> list[int]:
+        """BOS (when the model adds one) then random ids, like llama-bench's test_prompt."""
+        ids = [self.rng.randrange(self.n_vocab) for _ in range(n)]
+        if ids and self.add_bos:
+            ids[0] = self.bos
+        return ids
+
+    def sync(self) -> None:
+        """Wait for the backend to finish (GPU backends return from decode early)."""
+        llama_cpp.llama_synchronize(self.llm._ctx.ctx)
+
+    def clear(self) -> None:
+        """Empty the KV cache and Llama's record of it: the next eval starts at position 0."""
+        self.llm.reset()  # n_tokens = 0 (clears memory itself only for recurrent models)
+        self.llm._ctx.kv_cache_clear()  # llama_memory_clear(mem, data=True)
+
+    def cut(self, n: int) -> None:
+        """Keep only the first `n` positions of the KV cache."""
+        self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        self.llm.n_tokens = n
+
+    def prompt(self, ids: list[int]) -> float:
+        """Seconds to evaluate `ids` in batches of n_batch (Llama.eval splits them)."""
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        self.sync()
+        return time.perf_counter() - start
+
+    def generate(self, ids: list[int]) -> float:
+        """Seconds to evaluate `ids` one token at a time, as decoding does."""
+        llm, sync = self.llm, self.sync
+        start = time.perf_counter()
+        for token in ids:
+            llm.eval([token])
+            sync()
+        return time.perf_counter() - start
+
+
+def auto_depth(n_ctx: int, tg_tokens: int = TG_TOKENS) -> int:
+    """The depth of the deep tg test for a context size: min(4096, n_ctx - 2048 - tg), or 0
+    (no deep test) when that leaves fewer than 512 tokens."""
+    depth = min(AUTO_DEPTH_MAX, n_ctx - AUTO_DEPTH_ROOM - tg_tokens)
+    return depth if depth >= AUTO_DEPTH_MIN else 0
+
+
+def run_bench(
+    engine: LlamaEngine,
+    *,
+    reps: int = 3,
+    depth: int = 0,
+    pp_sizes: Sequence[int] = PP_SIZES,
+    tg_tokens: int = TG_TOKENS,
+    bound_tps: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    warmup: bool = True,
+) -> BenchResult:
+    """Measure prompt processing (pp) and generation (tg) speed on the loaded model.
+
+    `depth` 0 picks the deep tg test's depth from the context (`auto_depth`), a negative one
+    skips it. Tests that do not fit the context are skipped with a note (in the result, and
+    through `progress`). The KV cache is left empty.
+    """
+    if reps < 1:
+        raise ValueError("reps must be at least 1")
+    llm = engine.llm
+    n_ctx = int(llm.n_ctx())
+    runner = _Runner(llm, SEED)
+    notes: list[str] = []
+    measurements: list[Measurement] = []
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
+    def note(text: str) -> None:
+        notes.append(text)
+        say(text)
+
+    def timed(name: str, run: Callable[[], float]) -> list[float]:
+        say(f"bench: {name}, {'1 warm-up + ' if warmup else ''}{reps} runs")
+        if warmup:
+            run()
+        return [run() for _ in range(reps)]
+
+    if depth == 0 and tg_tokens > 0:
+        depth = auto_depth(n_ctx, tg_tokens)
+        if depth == 0:
+            note(
+                f"tg{tg_tokens} at depth skipped: the context ({n_ctx} tokens) is too small "
+                f"for one (it needs {AUTO_DEPTH_ROOM + tg_tokens + AUTO_DEPTH_MIN})"
+            )
+    elif depth > 0 and depth + tg_tokens > n_ctx:
+        note(
+            f"{bench_label(0, tg_tokens, depth)} skipped: {depth} + {tg_tokens} tokens do not "
+            f"fit the context ({n_ctx} tokens)"
+        )
+        depth = 0
+    depth = max(depth, 0)
+
+    try:
+        for n in pp_sizes:
+            name = bench_label(n, 0)
+            if n > n_ctx:
+                note(f"{name} skipped: the context holds {n_ctx} tokens")
+                continue
+            ids = runner.tokens(n)
+
+            def pp(ids: list[int] = ids) -> float:
+                runner.clear()
+                return runner.prompt(ids)
+
+            measurements.append(Measurement(name, n, timed(name, pp)))
+
+        if tg_tokens > 0 and tg_tokens > n_ctx:
+            note(f"tg{tg_tokens} skipped: the context holds {n_ctx} tokens")
+            depth = 0
+        elif tg_tokens > 0:
+            gen_ids = runner.tokens(tg_tokens)
+
+            def tg() -> float:
+                runner.clear()
+                return runner.generate(gen_ids)
+
+            name = bench_label(0, tg_tokens)
+            measurements.append(Measurement(name, tg_tokens, timed(name, tg)))
+
+            if depth > 0:
+                say(f"bench: filling the KV cache to depth {depth} (not timed)")
+                runner.clear()
+                runner.prompt(runner.tokens(depth))
+
+                def tg_deep() -> float:
+                    runner.cut(depth)
+                    return runner.generate(gen_ids)
+
+                name = bench_label(0, tg_tokens, depth)
+                measurements.append(Measurement(name, tg_tokens, timed(name, tg_deep), depth))
+    finally:
+        runner.clear()
+
+    return BenchResult(
+        model=engine.model_name,
+        plan=plan_dict(engine.plan),
+        measurements=measurements,
+        bound_tps=bound_tps,
+        depth=depth,
+        notes=notes,
+    )
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def format_table(
+    result: BenchResult, compare: dict[str, float] | None = None
+) -> list[tuple[str, ...]]:
+    """Rows for a table, the header first: test, tok/s (median), runs; "of bound" for tg tests
+    when the bound is known; llama-bench's tok/s and ours ÷ its when `compare` is given."""
+    with_bound = bool(result.bound_tps and result.bound_tps > 0)
+    header: tuple[str, ...] = ("test", "tok/s", "runs")
+    if with_bound:
+        header += ("of bound",)
+    if compare is not None:
+        header += ("llama-bench", "ratio")
+    rows: list[tuple[str, ...]] = [header]
+    for m in result.measurements:
+        tps = m.median_tps
+        row: tuple[str, ...] = (m.test, f"{tps:.2f}", str(len(m.seconds)))
+        if with_bound:
+            fraction = result.fraction_of_bound(m)
+            row += (f"{fraction:.0%}" if fraction is not None else "",)
+        if compare is not None:
+            theirs = compare.get(m.test)
+            if theirs:
+                row += (f"{theirs:.2f}", f"{tps / theirs:.2f}")
+            else:
+                row += ("-", "-")
+        rows.append(row)
+    return rows
+
+
+# --- llama-bench --------------------------------------------------------------------------------
+
+
+def find_llama_bench() -> str | None:
+    """The llama-bench binary on PATH, if any."""
+    return shutil.which("llama-bench")
+
+
+class UnsupportedPlan(ValueError):
+    """The plan has a setting llama-bench cannot be given."""
+
+
+def llama_bench_flags(plan: LoadPlan) -> list[str]:
+    """llama-bench's flags for the plan's model and context settings (not the tests)."""
+    for name, kv_type in (("K", plan.type_k), ("V", plan.type_v)):
+        if kv_type not in LLAMA_BENCH_KV_TYPES:
+            raise UnsupportedPlan(f"llama-bench has no {kv_type} {name} cache")
+    flags = [
+        "-m",
+        str(plan.path),
+        "-ngl",
+        str(ALL_LAYERS if plan.n_gpu_layers < 0 else plan.n_gpu_layers),
+        "-t",
+        str(plan.threads),
+        "-b",
+        str(plan.batch_size),
+        "-ub",
+        str(plan.ubatch_size),
+        "-fa",
+        "1" if plan.flash_attn else "0",
+        "-ctk",
+        plan.type_k,
+        "-ctv",
+        plan.type_v,
+    ]
+    if plan.overrides:
+        # One -ot, overrides joined by ';': each ',' (or a second -ot) starts another test set.
+        for o in plan.overrides:
+            if any(c in o.pattern or c in o.buffer for c in ",;="):
+                raise UnsupportedPlan(
+                    f"-ot {o.pattern}={o.buffer}: llama-bench cannot take ',', ';' or '=' in one"
+                )
+        flags += ["-ot", ";".join(f"{o.pattern}={o.buffer}" for o in plan.overrides)]
+    return flags
+
+
+def parse_llama_bench(text: str) -> dict[str, float]:
+    """tok/s per test from llama-bench's `-o json` or `-o jsonl` output (a cut-off run too):
+    the median of samples_ts, else avg_ts; named as `bench_label` names them."""
+    decoder = json.JSONDecoder()
+    results: dict[str, float] = {}
+    i = 0
+    while i < len(text):
+        if text[i] in " \t\r\n,[]":
+            i += 1
+            continue
+        if text[i] != "{":  # not ours (a message on stdout): skip the line
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end + 1
+            continue
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break  # cut off in the middle of a test
+        try:
+            samples = [float(v) for v in obj.get("samples_ts") or []]
+            tps = statistics.median(samples) if samples else float(obj["avg_ts"])
+            name = bench_label(int(obj["n_prompt"]), int(obj["n_gen"]), int(obj.get("n_depth", 0)))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+        results[name] = tps
+    return results
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data or ""
+
+
+def _last_line(data: bytes | str | None) -> str:
+    lines = [line.strip() for line in _text(data).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_llama_bench(
+    binary: str,
+    model_path: Path,
+    plan: LoadPlan,
+    *,
+    reps: int,
+    depth: int,
+    timeout: float = 600,
+    pp_sizes: Sequence[int] = PP_SIZES,
+    tg_tokens: int = TG_TOKENS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Run llama-bench with the plan's settings and return its tok/s per test (`bench_label`).
+
+    Two runs: the pp tests and tg at depth 0, then (when `depth` > 0) tg alone at that depth
+    (-p 0 -n TG -d DEPTH), since llama-bench's -d applies to every test. Both together stay
+    within `timeout` seconds. A run that fails adds nothing and is reported through
+    `progress`; when none succeeds the result is {}.
+    """
+
+    def note(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
+    plan = dataclasses.replace(plan, path=model_path)
+    try:
+        flags = llama_bench_flags(plan)
+    except UnsupportedPlan as e:
+        note(f"--compare: {e}; not running it")
+        return {}
+    common = ["-r", str(reps), "-o", "json"]
+    runs: list[list[str]] = []
+    if pp_sizes or tg_tokens > 0:
+        runs.append(["-p", ",".join(map(str, pp_sizes)) or "0", "-n", str(tg_tokens)])
+    if depth > 0 and tg_tokens > 0:
+        runs.append(["-p", "0", "-n", str(tg_tokens), "-d", str(depth)])
+    deadline = time.monotonic() + timeout
+    results: dict[str, float] = {}
+    for tests in runs:
+        argv = [binary, *flags, *tests, *common]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            note(f"--compare: no time left for llama-bench {' '.join(tests)}")
+            break
+        note(f"bench: {shlex.join(argv)}")
+        try:
+            proc = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=left, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            got = parse_llama_bench(_text(e.stdout))
+            note(f"--compare: llama-bench stopped after {timeout:.0f} s; kept {len(got)} tests")
+            results.update(got)
+            break
+        except OSError as e:
+            note(f"--compare: cannot run {binary}: {e.strerror or e}")
+            return {}
+        if proc.returncode != 0:
+            reason = _last_line(proc.stderr) or _last_line(proc.stdout) or "no message"
+            note(f"--compare: llama-bench exited with {proc.returncode}: {reason}")
+            continue
+        got = parse_llama_bench(_text(proc.stdout))
+        if not got:
+            note("--compare: llama-bench printed no results")
+        results.update(got)
+    return results
