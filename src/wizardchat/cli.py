@@ -629,12 +629,16 @@ def bench(
     verbose: VerboseOpt = None,
 ) -> None:
     """Measure prompt and generation speed with the current plan."""
-    from wizardchat import bench as bench_module
-
     flags = {
         k: v for k, v in locals().items() if k not in ("json_output", "compare", "reps", "yes")
     }
+    from wizardchat import bench as bench_module
+
     settings = _settings(flags, yes=yes, can_ask=sys.stdin is not None and sys.stdin.isatty())
+    from wizardchat.engine.offload import remember_ram_bandwidth
+    from wizardchat.planner import measure_ram_bandwidth
+
+    remember_ram_bandwidth(measure_ram_bandwidth())  # for the plan's decode bound
     with _engine(settings, verbose_prompt=False) as (engine, _):
         bound = engine.offload_plan.decode_bound if engine.offload_plan else None
         result = bench_module.run_bench(engine, reps=reps, bound_tps=bound, progress=_err)

@@ -58,7 +58,12 @@ def collect(model: str | None) -> dict[str, Any]:
         }
         for d in ggml.devices()
     ]
+    from wizardchat.engine.offload import remember_ram_bandwidth
+    from wizardchat.planner import measure_ram_bandwidth
+
     available, total = hardware.host_memory()
+    bandwidth = measure_ram_bandwidth()
+    remember_ram_bandwidth(bandwidth)  # later starts show a decode bound without measuring
     missing = [b for b in _wanted_backends() if b not in backends]
     flags = [BACKEND_FLAGS[b] for b in ("RPC", *missing) if b in BACKEND_FLAGS]
     report: dict[str, Any] = {
@@ -74,6 +79,7 @@ def collect(model: str | None) -> dict[str, Any]:
             "ram_total_bytes": total,
             "ram_available_bytes": available,
             "physical_cores": hardware.physical_cores(),
+            "ram_bandwidth_bytes_per_s": bandwidth,
             "system": f"{platform.system()} {platform.machine()}",
         },
     }
@@ -112,7 +118,12 @@ def plan_report(path: Path | None, ref: ModelRef | None) -> dict[str, Any]:
         quant = (ref.quant if ref else None) or DEFAULT_QUANT
         shape = planner.wizardlm2_8x22b_shape(quant)
         source = f"WizardLM-2 8x22B {quant}, not downloaded (tensor sizes of its shape)"
-    gpus, ram = planner.machine_memories()
+    from wizardchat.engine import ggml
+    from wizardchat.engine.offload import remembered_ram_bandwidth
+
+    gpus, ram = planner.memories_from_devices(
+        ggml.devices(), ram_bandwidth=remembered_ram_bandwidth()
+    )
     plan = planner.make_plan(shape, gpus, ram, n_ctx=min(shape.n_ctx_train, 16384))
     return {
         "source": source,
@@ -145,7 +156,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(
         f"host: {host['system']}, {host['physical_cores']} physical cores, RAM "
         f"{human_size(host['ram_available_bytes'])} available of "
-        f"{human_size(host['ram_total_bytes'])}"
+        f"{human_size(host['ram_total_bytes'])}, read/write ~"
+        f"{host['ram_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s (measured now, rough)"
     )
     model = report["model"]
     lines.append(f"model: {model['reference']}" + (f" at {model['path']}" if model["path"] else ""))
