@@ -22,9 +22,8 @@ def test_doctor_json_reports_install_machine_and_plan(models: Models) -> None:
     assert host["ram_total_bytes"] > 0 and host["physical_cores"] >= 1
     assert host["ram_bandwidth_bytes_per_s"] > 1e8
     plan = report["model"]["plan"]
-    assert plan["model_bytes"] == sum(t for t in [os.path.getsize(models.slow)] if t) or 0 < plan[
-        "model_bytes"
-    ] <= os.path.getsize(models.slow)
+    size = os.path.getsize(models.slow)
+    assert 0.9 * size < plan["model_bytes"] <= size  # the tensors' bytes, from the header
     gpus = [d for d in report["devices"] if d["kind"] in ("GPU", "IGPU")]
     if not gpus:
         assert plan["n_gpu_layers"] == 0 and "all 4 layers in RAM" in plan["one_line"]
