@@ -122,7 +122,7 @@ def test_toolbar_shows_model_and_context_use(models: Models, chats: type[Chat]) 
 
 
 def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
-    chat = chats("-m", str(models.scripted), "--no-stats")
+    chat = chats("-m", str(models.scripted), "--no-stats", cwd=tmp_path)
     out = chat.send("first question")
     assert SCRIPT_REPLY in out and "tok/s" not in out  # --no-stats
 
@@ -154,9 +154,9 @@ def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
 
     notes = tmp_path / "notes.txt"
     notes.write_text("alpha beta gamma\n", encoding="utf-8")
-    assert SCRIPT_REPLY in chat.send(f"/read {notes}")
+    assert SCRIPT_REPLY in chat.send("/read notes.txt")  # relative: long lines would wrap
     assert "--- File: notes.txt ---\nalpha beta gamma" in chat.send("/prompt").replace(" \n", "\n")
-    assert "cannot read" in chat.send(f"/read {tmp_path / 'missing.txt'}")
+    assert "cannot read" in chat.send("/read missing.txt")
 
     out = chat.send("/system You answer in haiku.")
     assert "new conversation" in out
@@ -238,8 +238,8 @@ def test_ctrl_c_stops_a_long_prompt_evaluation(
 ) -> None:
     big = tmp_path / "big.txt"
     big.write_text("word " * 3400, encoding="utf-8")  # ~6800 tokens: about a second to evaluate
-    chat = chats("-m", str(models.slow), "-c", "8192", "-n", "5")
-    chat.child.send(f"/read {big}\r")
+    chat = chats("-m", str(models.slow), "-c", "8192", "-n", "5", cwd=tmp_path)
+    chat.child.send("/read big.txt\r")  # relative: a long path would wrap the echoed line
     chat.expect("big.txt")
     time.sleep(0.2)
     chat.child.sendcontrol("c")
