@@ -394,3 +394,20 @@ def test_run_asks_before_downloading_and_shows_the_size(
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_the_download_question_warns_when_nothing_fits(hub: FakeHub, monkeypatch) -> None:
+    import io
+
+    from wizardchat import pulling
+    from wizardchat.errors import NoModelError
+
+    monkeypatch.setattr(pulling, "memory_budget", lambda ref: 1000)  # a machine with 1 KB
+    with pytest.raises(NoModelError, match=r"more than this machine's memory can hold \(1.0 KB\)"):
+        pulling.resolve_model(
+            "wizardlm2-7b:Q5_K_M",
+            yes=False,
+            can_ask=False,
+            confirm=lambda q: False,
+            err=io.StringIO(),
+        )

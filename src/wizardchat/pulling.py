@@ -199,8 +199,11 @@ def resolve_model(text: str, *, yes: bool, can_ask: bool, confirm: Confirm, err:
             "unset it to download, or pass --model PATH to a .gguf file"
         )
     model = hub.list_remote(ref)
-    quant = choose_quant(model.quants, ref, memory_budget(ref))
+    budget = memory_budget(ref)
+    quant = choose_quant(model.quants, ref, budget)
     what = f"{ref.repo} {quant.name}: {human_size(quant.size)} in {len(quant.files)} file(s)"
+    if budget is not None and quant.size > budget:  # nothing fits: say so before 80 GB arrive
+        what += f", more than this machine's memory can hold ({human_size(budget)})"
     if not yes:
         if not can_ask:
             raise NoModelError(
