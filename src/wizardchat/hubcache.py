@@ -148,6 +148,7 @@ def local_models(repo: str | None = None) -> list[LocalModel]:
     found: list[LocalModel] = []
     for r in [repo] if repo else _repos():
         manifest = read_manifest(r).get("quants", {})
+        pending = _pending(r, manifest)
         seen: set[str] = set()
         snapshots = repo_dir(r) / "snapshots"
         for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
@@ -155,7 +156,6 @@ def local_models(repo: str | None = None) -> list[LocalModel]:
                 recorded = manifest.get(q.name, {})
                 total = sum(int(f["size"]) for f in recorded.get("files", [])) or q.size
                 path = snapshot / q.files[0].path
-                pending = _pending(r, manifest)
                 complete = q.complete and q.layout != "parts" and q.name not in pending
                 found.append(LocalModel(r, q.name, snapshot.name, path, q.size, total, complete))
                 seen.add(q.name)

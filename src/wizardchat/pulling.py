@@ -160,11 +160,8 @@ class BarProgress:
 
 def pull_quant(model: hub.RemoteModel, quant: Quant, err: TextIO, *, workers: int = 4) -> Path:
     """Download a quant with progress on `err`; Ctrl-C leaves what is there for the next run."""
-    already = sum(
-        (hubcache.snapshot_dir(model.repo, model.commit) / f.path).stat().st_size
-        for f in quant.files
-        if (hubcache.snapshot_dir(model.repo, model.commit) / f.path).is_file()
-    )
+    snapshot = hubcache.snapshot_dir(model.repo, model.commit)
+    already = sum(f.size for f in quant.files if (snapshot / f.path).is_file())
     progress: LineProgress | BarProgress = (
         BarProgress(quant.size, already) if err.isatty() else LineProgress(err)
     )

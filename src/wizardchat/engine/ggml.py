@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
@@ -14,11 +14,17 @@ DEV_TYPE_CPU = 0
 
 @functools.cache
 def libggml() -> Any:
-    """libggml (the backend registry; it links libggml-base), loaded once."""
-    import llama_cpp
-    from llama_cpp._ctypes_extensions import load_shared_library
+    """The ggml backend API of the libggml that llama.cpp itself uses, bound once.
 
-    lib = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
+    The functions are looked up through libllama's handle (dlsym searches its dependencies).
+    The wheel also ships a second copy of the library (libggml.so beside libggml.so.0); loading
+    that one by path would give a separate device registry that llama.cpp never sees, so RPC
+    devices registered there would not be used. `lib[name]` makes fresh function objects,
+    leaving llama_cpp's own cached ones untouched.
+    """
+    import llama_cpp.llama_cpp as bindings
+
+    lib = bindings._lib
     vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
     signatures: dict[str, tuple[list[Any], Any]] = {
         "ggml_backend_dev_count": ([], sz),
@@ -29,6 +35,7 @@ def libggml() -> Any:
         "ggml_backend_dev_description": ([vp], cp),
         "ggml_backend_dev_buffer_type": ([vp], vp),
         "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        "ggml_backend_dev_backend_reg": ([vp], vp),
         "ggml_backend_buft_name": ([vp], cp),
         "ggml_backend_reg_count": ([], sz),
         "ggml_backend_reg_get": ([sz], vp),
@@ -36,10 +43,12 @@ def libggml() -> Any:
         "ggml_version": ([], cp),
         "ggml_commit": ([], cp),
     }
+    api = types.SimpleNamespace()
     for name, (argtypes, restype) in signatures.items():
-        fn = getattr(lib, name)
+        fn = lib[name]
         fn.argtypes, fn.restype = argtypes, restype
-    return lib
+        setattr(api, name, fn)
+    return api
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Device:
     buffer_type: str
     free_bytes: int
     total_bytes: int
+    backend: str = ""  # the backend that registered it: "CPU", "CUDA", "RPC"...
 
 
 def devices() -> list[Device]:
@@ -64,6 +74,7 @@ def devices() -> list[Device]:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         buft = lib.ggml_backend_dev_buffer_type(dev)
+        reg = lib.ggml_backend_dev_backend_reg(dev)
         found.append(
             Device(
                 handle=dev,
@@ -73,6 +84,7 @@ def devices() -> list[Device]:
                 buffer_type=lib.ggml_backend_buft_name(buft).decode() if buft else "",
                 free_bytes=free.value,
                 total_bytes=total.value,
+                backend=lib.ggml_backend_reg_name(reg).decode() if reg else "",
             )
         )
     return found

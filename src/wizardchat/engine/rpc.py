@@ -35,11 +35,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from wizardchat.engine import ggml
+from wizardchat.engine.ggml import Device
 from wizardchat.errors import LoadError, UsageError, WizardchatError
 
 DEFAULT_PORT = 50052
@@ -59,7 +60,6 @@ _CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
 _CONN_CAPS_SIZE = 24  # rpc_msg_hello_req is uint8_t conn_caps[24]; zeros mean plain TCP
 _HELLO_RSP_SIZE = 4 + _CONN_CAPS_SIZE  # major, minor, patch, padding, conn_caps
 
-_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
 _GPU_KINDS = ("GPU", "IGPU")
 _MIB = 1024 * 1024
 _READY_TIMEOUT_S = 10.0  # how long serve() waits for llama.cpp's server to start listening
@@ -184,22 +184,6 @@ def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
 # --- the C API --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _LocalDevice:
-    handle: int
-    name: str
-    description: str
-    kind: str
-    free_bytes: int
-    total_bytes: int
-
-    def describe(self) -> str:
-        return (
-            f"{self.name} ({self.description}, {self.free_bytes // _MIB} MiB free of "
-            f"{self.total_bytes // _MIB} MiB)"
-        )
-
-
 class _Api:
     """The ggml backend registry that libllama uses, and the RPC entry points it exposes."""
 
@@ -217,20 +201,11 @@ class _Api:
             return f
 
         self.reg_by_name = fn("ggml_backend_reg_by_name", [cp], vp)
-        self.reg_name = fn("ggml_backend_reg_name", [vp], cp)
         self.reg_get_proc_address = fn("ggml_backend_reg_get_proc_address", [vp, cp], vp)
         self.reg_dev_count = fn("ggml_backend_reg_dev_count", [vp], sz)
         self.reg_dev_get = fn("ggml_backend_reg_dev_get", [vp, sz], vp)
         self.device_register = fn("ggml_backend_device_register", [vp], None)
-        self.dev_count = fn("ggml_backend_dev_count", [], sz)
-        self.dev_get = fn("ggml_backend_dev_get", [sz], vp)
         self.dev_name = fn("ggml_backend_dev_name", [vp], cp)
-        self.dev_description = fn("ggml_backend_dev_description", [vp], cp)
-        self.dev_type = fn("ggml_backend_dev_type", [vp], ctypes.c_int)
-        self.dev_memory = fn(
-            "ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None
-        )
-        self.dev_backend_reg = fn("ggml_backend_dev_backend_reg", [vp], vp)
 
         self.rpc_reg = self.reg_by_name(backend.encode())
         add = (
@@ -248,29 +223,6 @@ class _Api:
         self.add_server = ctypes.CFUNCTYPE(vp, cp)(add)
         self.start_server = ctypes.CFUNCTYPE(None, cp, cp, sz, sz, ctypes.POINTER(vp))(start)
 
-    def devices(self) -> list[_LocalDevice]:
-        """The devices in libllama's registry, RPC ones included."""
-        found = []
-        for i in range(self.dev_count()):
-            dev = self.dev_get(i)
-            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-            self.dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            found.append(
-                _LocalDevice(
-                    handle=dev,
-                    name=self.dev_name(dev).decode(),
-                    description=self.dev_description(dev).decode(),
-                    kind=_DEVICE_TYPES.get(self.dev_type(dev), "?"),
-                    free_bytes=free.value,
-                    total_bytes=total.value,
-                )
-            )
-        return found
-
-    def is_rpc(self, dev: int) -> bool:
-        reg = self.dev_backend_reg(dev)
-        return bool(reg) and self.reg_name(reg) == b"RPC"
-
 
 @functools.cache
 def _api() -> _Api:
@@ -285,26 +237,6 @@ def rpc_available() -> bool:
     except UsageError:
         return False
     return True
-
-
-def _address(fn: Any) -> int | None:
-    return ctypes.cast(fn, ctypes.c_void_p).value
-
-
-def _register_in_engine_ggml(api: _Api, devices: Sequence[int]) -> None:
-    """Also list the devices in `engine.ggml`'s registry, when that is a second libggml copy.
-
-    Then `ggml.devices()` shows them (with their memory) and `ggml.buffer_types()` offers their
-    buffers to --override-tensor, as in llama.cpp's own tools.
-    """
-    from wizardchat.engine import ggml
-
-    register = ggml.libggml()["ggml_backend_device_register"]
-    register.argtypes, register.restype = [ctypes.c_void_p], None
-    if _address(register) == _address(api.device_register):
-        return  # one and the same registry
-    for dev in devices:
-        register(dev)
 
 
 _added: dict[str, list[str]] = {}  # endpoint -> names of its devices, once registered
@@ -339,7 +271,6 @@ def add_servers(endpoints: Sequence[str], timeout: float = 3.0) -> list[str]:
             devices = [api.reg_dev_get(reg, i) for i in range(api.reg_dev_count(reg))]
             for dev in devices:
                 api.device_register(dev)
-            _register_in_engine_ggml(api, devices)
             _added[endpoint] = [api.dev_name(dev).decode() for dev in devices]
         return [name for endpoint in wanted for name in _added[endpoint]]
 
@@ -363,14 +294,21 @@ def _bind_address(host: str) -> ipaddress.IPv4Address:
         ) from None
 
 
-def _pick_devices(api: _Api, names: Sequence[str]) -> list[_LocalDevice]:
-    local = [d for d in api.devices() if not api.is_rpc(d.handle)]
+def _describe(d: Device) -> str:
+    return (
+        f"{d.name} ({d.description}, {d.free_bytes // _MIB} MiB free of "
+        f"{d.total_bytes // _MIB} MiB)"
+    )
+
+
+def _pick_devices(names: Sequence[str]) -> list[Device]:
+    local = [d for d in ggml.devices() if d.backend != "RPC"]
     if not names:
         # llama.cpp's rpc-server serves every accelerator, else the CPU.
         gpus = [d for d in local if d.kind in _GPU_KINDS]
         return gpus or [d for d in local if d.kind == "CPU"][:1]
     by_name = {d.name.lower(): d for d in local}
-    picked: list[_LocalDevice] = []
+    picked: list[Device] = []
     for name in names:
         dev = by_name.get(name.strip().lower())
         if dev is None:
@@ -441,7 +379,7 @@ def serve(
     if threads < 0:
         raise UsageError(f"threads must be 0 (automatic) or more, not {threads}")
     api = _api()
-    served = _pick_devices(api, devices)
+    served = _pick_devices(devices)
     if not served:
         raise UsageError("no device to serve")
     if threads == 0:
@@ -471,7 +409,7 @@ def serve(
         _wait_listening(str(address), port, server)
         announce(
             f"RPC worker listening on {address}:{port}, serving "
-            + "; ".join(d.describe() for d in served)
+            + "; ".join(_describe(d) for d in served)
             + f" with {threads} thread{'' if threads == 1 else 's'} (Ctrl-C to stop)"
         )
         # The C server blocks in accept() for good; waiting with a timeout keeps this thread
