@@ -60,6 +60,61 @@ def test_no_eviction_while_everything_fits() -> None:
     _closed(conv, "one", "r1", [10, 11])
     assert conv.make_room(conv.new_turn("two"), max_tokens=100) == 0
     assert len(conv.turns) == 1
+    assert conv.window() == conv.turns
+
+
+def test_eviction_hides_turns_from_the_model_but_the_transcript_keeps_them() -> None:
+    conv = _char_conv(400)
+    for i in range(8):
+        _closed(conv, f"question {i}", f"r{i}", [50] * 20)
+    turn = conv.new_turn("next")
+    evicted = conv.make_room(turn, max_tokens=64)
+    assert evicted > 0
+    # What the user said stays: the transcript holds all 8 turns in order.
+    assert [t.user for t in conv.turns] == [f"question {i}" for i in range(8)]
+    assert conv.evicted == evicted
+    # What the model sees starts after the evicted turns.
+    assert "question 0" not in conv.text(turn)
+    assert f"question {evicted}" in conv.text(turn)
+    conv.close(turn)
+    assert [t.user for t in conv.turns][-1] == "next" and len(conv.turns) == 9
+
+
+def test_undo_after_eviction_removes_the_last_turn_only() -> None:
+    conv = _char_conv(400)
+    for i in range(8):
+        _closed(conv, f"question {i}", f"r{i}", [50] * 20)
+    conv.make_room(conv.new_turn("next"), max_tokens=64)
+    while conv.turns:
+        conv.drop_last()
+        assert conv.evicted <= len(conv.turns)
+    assert conv.tokens() == conv.system_tokens
+
+
+def test_a_large_max_tokens_does_not_wipe_a_short_history() -> None:
+    # -n 1000 -c 1024 with 69 tokens in use used to drop every turn, every turn.
+    conv = _char_conv(1024)
+    _closed(conv, "hello there", "hi", [50] * 10)
+    _closed(conv, "how are you", "fine", [50] * 10)
+    assert len(conv.tokens()) < 100
+    assert conv.make_room(conv.new_turn("and now?"), max_tokens=1000) == 0
+    assert len(conv.window()) == 2
+
+
+def test_the_reply_reserve_is_capped_at_a_quarter_of_the_context() -> None:
+    conv = _char_conv(1024)
+    assert conv.reply_reserve(1000) == 256
+    assert conv.reply_reserve(100) == 100
+    assert conv.reply_reserve(-1) == 256
+
+
+def test_eviction_with_a_large_max_tokens_keeps_the_recent_turns() -> None:
+    conv = _char_conv(1024)
+    for i in range(40):
+        _closed(conv, f"q{i}", "r", [50] * 20)
+    evicted = conv.make_room(conv.new_turn("next"), max_tokens=1000)
+    assert 0 < evicted < 40
+    assert len(conv.tokens()) <= 512
 
 
 def test_eviction_drops_oldest_whole_turns_down_to_half_and_keeps_system() -> None:
@@ -70,7 +125,7 @@ def test_eviction_drops_oldest_whole_turns_down_to_half_and_keeps_system() -> No
     turn = conv.new_turn("next")
     evicted = conv.make_room(turn, max_tokens=64)
     assert evicted > 0
-    assert [t.user for t in conv.turns] == [f"question {i}" for i in range(evicted, 8)]
+    assert [t.user for t in conv.window()] == [f"question {i}" for i in range(evicted, 8)]
     assert conv.tokens()[:4] == conv.system_tokens
     assert len(conv.prompt(turn)) + 64 <= 200
     # The next turn fits without evicting again: eviction is rare, in one chunk.

@@ -52,7 +52,7 @@ class Chat:
             timeout=30,
             cwd=str(cwd) if cwd else None,
         )
-        self.expect("/help for commands")
+        self.banner = clean(self.expect("/help for commands"))  # the plan and the banner
         self.intro = clean(self.wait_prompt())  # what is shown before the first prompt
 
     def expect(self, pattern: str) -> str:
@@ -244,9 +244,13 @@ def test_ctrl_c_stops_a_long_prompt_evaluation(
     time.sleep(0.2)
     chat.child.sendcontrol("c")
     out = clean(chat.wait_prompt())
-    assert "[interrupted]" in out and "0 tokens · " in out, out
+    assert "interrupted before the reply began: the message was not kept" in out, out
     assert "Traceback" not in out and "Exception ignored" not in out
     assert "5 tokens · " in chat.send("and now a short one")
+    # The aborted file is not part of the conversation: it is not evaluated again.
+    evaluated = re.search(r"\((\d+) evaluated\)", chat.send("/stats"))
+    assert evaluated and int(evaluated.group(1)) < 200, evaluated
+    assert "big.txt" not in chat.send("/prompt")
     assert chat.exit() == 0
 
 

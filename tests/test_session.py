@@ -47,11 +47,23 @@ def test_model_starting_a_user_turn_is_stopped_and_that_text_dropped(
 ) -> None:
     session = _session(engine_factory(models.user_turn))
     reply = "".join(session.send("Hi"))
-    assert reply == "Hi\n"
+    assert reply == "Hi"  # neither "USER:" nor the newline before it
     assert session.last is not None and session.last.finish == "stop"
     assert "USER" not in session.conversation.turns[0].reply
     # The history still ends the turn with EOS, and the next turn works.
-    assert "".join(session.send("again")) == "Hi\n"
+    assert "".join(session.send("again")) == "Hi"
+
+
+def test_the_newline_before_a_model_started_user_turn_is_not_in_the_history_tokens(
+    models, engine_factory
+) -> None:
+    engine = engine_factory(models.user_turn)
+    session = _session(engine)
+    list(session.send("Hi"))
+    turn = session.conversation.turns[0]
+    # The card's format: "...reply</s>USER:", no whitespace between the reply and EOS.
+    assert engine.llm.detokenize(turn.reply_tokens).decode() == " Hi"
+    assert session.conversation.text().endswith("ASSISTANT: Hi</s>")
 
 
 def test_stop_scanner_holds_back_only_what_may_start_user_colon() -> None:
@@ -61,7 +73,26 @@ def test_stop_scanner_holds_back_only_what_may_start_user_colon() -> None:
         released += scanner.push(i, piece)
         if scanner.stopped:
             break
-    assert "".join(p for _, p in released) == " The USA is big.\n"
+    assert "".join(p for _, p in released) == " The USA is big."
+    assert scanner.stopped
+
+
+def test_stop_scanner_releases_held_whitespace_when_no_stop_follows() -> None:
+    scanner = StopScanner()
+    released = []
+    for i, piece in enumerate([" One", "\n", "\n", "US", "A", " two", "\n"]):
+        released += scanner.push(i, piece)
+    released += scanner.flush()
+    assert "".join(p for _, p in released) == " One\n\nUSA two\n"
+    assert not scanner.stopped
+
+
+def test_stop_scanner_keeps_a_token_that_holds_text_and_the_newline() -> None:
+    scanner = StopScanner()
+    released = []
+    for i, piece in enumerate([" ok.\n", "USER", ":"]):
+        released += scanner.push(i, piece)
+    assert "".join(p for _, p in released) == " ok.\n"  # the text is never lost
     assert scanner.stopped
 
 
@@ -102,9 +133,29 @@ def test_full_context_evicts_old_turns_and_says_so(models, engine_factory) -> No
     session = ChatSession(engine, system=DEFAULT_SYSTEM_PROMPT, max_tokens=16, notify=notes.append)
     for i in range(20):
         assert "".join(session.send(f"What is two plus three {i}")) == SCRIPT_REPLY
-    assert any("dropped the" in n and "oldest turn" in n for n in notes)
-    assert len(session.conversation.turns) < 20
+    assert any("no longer sees the" in n and "oldest turn" in n for n in notes)
+    assert len(session.conversation.window()) < 20
     assert len(session.conversation.tokens()) <= 256
+    # Eviction limits what the model sees, never what was said.
+    assert [t.user for t in session.conversation.turns] == [
+        f"What is two plus three {i}" for i in range(20)
+    ]
+
+
+def test_a_prompt_aborted_before_any_reply_token_is_not_kept(models, engine_factory) -> None:
+    session = _session(engine_factory(models.slow, ctx_size=8192), max_tokens=5)
+    session.abort_prompt = True
+    list(session.send("Hi"))
+    big = "word " * 3000
+    stream = session.send(big)
+    session.cancel()  # as the REPL's Ctrl-C does while the prompt is evaluated
+    assert list(stream) == []
+    assert session.last is not None and session.last.finish == "interrupted"
+    assert session.last.dropped
+    assert [t.user for t in session.conversation.turns] == ["Hi"]
+    # The next message does not evaluate the aborted one again.
+    list(session.send("Who are you?"))
+    assert session.last.evaluated_tokens < 100
 
 
 def test_a_message_longer_than_the_context_is_refused(models, engine_factory) -> None:

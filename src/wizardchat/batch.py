@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from wizardchat.errors import ContextError, UsageError
+from wizardchat.recording import Recording, free_name
 from wizardchat.render import stream_plain
 from wizardchat.session import ChatSession
+from wizardchat.signals import Termination
 
 
 @dataclass
@@ -18,38 +21,74 @@ class BatchResult:
 
     answered: int = 0
     failed: int = 0
+    terminated: int = 0  # the exit status a SIGTERM/SIGHUP mid-reply asks for (0: none)
 
 
-def _slash_command(session: ChatSession, line: str) -> None:
+@dataclass
+class Batch:
+    """One scripted conversation: the session, and optionally its file and signal handling."""
+
+    session: ChatSession
+    error: Callable[[str], None]
+    recording: Recording | None = None  # --session/--resume: saved after every reply
+    termination: Termination | None = None
+    result: BatchResult = field(default_factory=BatchResult)
+
+    def reset(self, system: str | None = None) -> None:
+        """A new conversation; a saved one stays as it is and the new one gets its own name."""
+        had_turns = bool(self.session.conversation.turns)
+        self.session.reset(system=system)
+        if self.recording is not None and had_turns:
+            old = self.recording.name
+            name = free_name(self.recording.store)
+            self.recording = Recording(self.recording.store, name, self.recording.model)
+            self.error(f"new conversation, saved as '{name}' ('{old}' keeps the previous one)")
+
+    def answer(self, text: str) -> Iterator[str]:
+        """Stream the reply to `text`; the turn is saved however the reply ends."""
+        chunks = self.session.send(text)
+        replying = self.termination.replying() if self.termination else contextlib.nullcontext()
+        with replying:
+            try:
+                yield from chunks
+            finally:
+                chunks.close()  # records the turn now, even if writing the reply failed
+                if self.recording is not None:
+                    self.recording.save(self.session.conversation)
+        if self.termination is not None and self.termination.received:
+            self.result.terminated = self.termination.exit_code
+
+
+def _slash_command(batch: Batch, line: str) -> None:
     name, _, arg = line[1:].partition(" ")
     if name == "reset":
-        session.reset()
+        batch.reset()
     elif name == "system":
-        session.reset(system=arg.strip())
+        batch.reset(system=arg.strip())
     else:
         raise UsageError(f"unknown command /{name} (batch mode knows /reset and /system TEXT)")
 
 
-def run_lines(
-    session: ChatSession, lines: Iterable[str], out: TextIO, error: Callable[[str], None]
-) -> BatchResult:
+def run_lines(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
     """Each non-empty line is a user turn; a line starting with / is a command."""
-    result = BatchResult()
+    result = batch.result
     for number, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
         try:
             if line.startswith("/"):
-                _slash_command(session, line)
+                _slash_command(batch, line)
                 continue
-            reply = stream_plain(session.send(line), out)
+            reply = stream_plain(batch.answer(line), out)
             out.write("\n\n" if not reply.endswith("\n") else "\n")
             out.flush()
             result.answered += 1
         except (UsageError, ContextError) as e:
-            error(f"line {number}: {e}")
+            batch.error(f"line {number}: {e}")
             result.failed += 1
+        if result.terminated:
+            break
     return result
 
 
@@ -69,11 +108,9 @@ def _parse_record(line: str) -> dict[str, Any]:
     return record
 
 
-def run_jsonl(
-    session: ChatSession, lines: Iterable[str], out: TextIO, error: Callable[[str], None]
-) -> BatchResult:
+def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
     """Each line is {"prompt", optional "system", "reset"}; each answer is one JSON line."""
-    result = BatchResult()
+    result, session, error = batch.result, batch.session, batch.error
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line:
@@ -81,10 +118,10 @@ def run_jsonl(
         try:
             record = _parse_record(line)
             if "system" in record and record["system"] != session.conversation.system:
-                session.reset(system=record["system"])
+                batch.reset(system=record["system"])
             elif record.get("reset"):
-                session.reset()
-            reply = "".join(session.send(record["prompt"]))
+                batch.reset()
+            reply = "".join(batch.answer(record["prompt"]))
             last = session.last
             assert last is not None
             answer: dict[str, Any] = {
@@ -102,4 +139,6 @@ def run_jsonl(
             result.failed += 1
         out.write(json.dumps(answer, ensure_ascii=False) + "\n")
         out.flush()
+        if result.terminated:
+            break
     return result

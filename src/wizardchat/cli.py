@@ -23,12 +23,13 @@ import typer
 from wizardchat import __version__
 from wizardchat.errors import ExitCode, NoModelError, UsageError, WizardchatError
 from wizardchat.settings import Settings, field_help, load_settings
+from wizardchat.signals import Terminated
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
     from wizardchat.repl import Repl
     from wizardchat.session import ChatSession
-    from wizardchat.store import SessionStore
+    from wizardchat.store import SavedSession, SessionStore
 
 app = typer.Typer(
     name="wizardchat",
@@ -184,6 +185,11 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
         _err(
             f"context: {plan.n_ctx} tokens (the model's {n_train} capped to fit memory; -c sets it)"
         )
+    if plan.ctx_requested:
+        _err(
+            f"context: {plan.n_ctx} tokens (-c {plan.ctx_requested} rounded up to a multiple "
+            "of 256, as llama.cpp does)"
+        )
     if plan.flash_attn and settings.flash_attn == "off":  # plan_load forced it on
         _err("flash attention turned on: llama.cpp needs it for a quantized V cache")
     return engine
@@ -238,6 +244,8 @@ def _guarded(command: Callable[..., None]) -> Callable[..., None]:
                 raise
             _err(f"wizardchat: error: {e}")
             raise typer.Exit(e.exit_code) from None
+        except Terminated as e:  # SIGTERM/SIGHUP between replies: nothing was left unsaved
+            raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             if _state.debug:
                 raise
@@ -411,8 +419,6 @@ def run(
     if session_name:
         check_name(session_name)
     interactive = sys.stdin is not None and sys.stdin.isatty() and not jsonl
-    if not interactive and (resume or session_name):
-        raise UsageError("--resume and --session are for the interactive chat on a terminal")
     settings = _settings(flags, yes=yes, can_ask=interactive)
     store = SessionStore(paths.sessions_dir())
     # Read the saved conversation before loading the model: a bad name or file fails fast.
@@ -430,13 +436,45 @@ def run(
             if saved is None and session_name:
                 repl.name_session(session_name)
             repl.run(resume=saved)
+            if repl.terminated_by:
+                _quiet_broken_pipe()  # after a hangup the terminal is gone: no flush errors at exit
+                raise typer.Exit(repl.terminated_by)
             return
-        from wizardchat import batch
+        _run_batch(session, store, saved, session_name, jsonl=jsonl, resume=resume)
 
+
+def _run_batch(
+    session: ChatSession,
+    store: SessionStore,
+    saved: SavedSession | None,
+    session_name: str | None,
+    *,
+    jsonl: bool,
+    resume: bool,
+) -> None:
+    """Batch mode: piped lines, saved after every reply when a session is named or resumed."""
+    from wizardchat import batch
+    from wizardchat.recording import Recording, free_name
+    from wizardchat.signals import Termination
+
+    recording = None
+    if saved is not None:
+        session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
+        recording = Recording(store, saved.name, session.engine.model_name, saved.created)
+        n = len(saved.turns)
+        _err(f"continuing '{saved.name}': {n} turn{'' if n == 1 else 's'}")
+    elif session_name or resume:
+        recording = Recording(store, session_name or free_name(store), session.engine.model_name)
+    with Termination(session.cancel) as termination:
+        job = batch.Batch(session, _err, recording=recording, termination=termination)
         runner = batch.run_jsonl if jsonl else batch.run_lines
-        result = runner(session, _stdin_lines(), sys.stdout, _err)
-        if result.failed:
-            raise typer.Exit(ExitCode.USAGE)
+        result = runner(job, _stdin_lines(), sys.stdout)
+    if recording is not None and job.recording is not None and store.exists(job.recording.name):
+        _err(f"saved as '{job.recording.name}'")
+    if result.terminated:
+        raise typer.Exit(result.terminated)
+    if result.failed:
+        raise typer.Exit(ExitCode.USAGE)
 
 
 def _plain_output_wanted(plain: bool) -> bool:

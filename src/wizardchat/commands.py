@@ -254,7 +254,7 @@ def _show(repl: Repl, arg: str) -> None:
         (
             "session",
             f"{repl.name} ({len(conv.turns)} turn{'' if len(conv.turns) == 1 else 's'}, "
-            f"{len(conv.tokens())} tokens in context)",
+            f"{len(conv.window())} in the model's context, {len(conv.tokens())} tokens)",
         ),
     ]
     repl.out.rows(rows)
@@ -279,6 +279,11 @@ def _stats(repl: Repl, arg: str) -> None:
 
 def _prompt(repl: Repl, arg: str) -> None:
     conv = repl.session.conversation
+    if conv.evicted:
+        repl.out.note(
+            f"the model no longer sees the {conv.evicted} oldest of {len(conv.turns)} turns "
+            "(they stay in the saved conversation); what it sees:"
+        )
     repl.out.text(
         f"--- prompt: {len(conv.tokens())} tokens ---\n{conv.text()}\n--- end of prompt ---"
     )

@@ -40,7 +40,11 @@ class Turn:
 
 @dataclass
 class Conversation:
-    """The system prompt and the closed turns, as text and as the tokens the model saw."""
+    """The system prompt and the closed turns: all of them as said, and the window the model sees.
+
+    `turns` is the transcript: every closed turn, in order, exactly what is saved. Eviction never
+    removes from it; it only moves `evicted`, the number of oldest turns the model no longer sees.
+    """
 
     system: str
     tokenize: Tokenize
@@ -48,6 +52,7 @@ class Conversation:
     eos: int
     n_ctx: int
     turns: list[Turn] = field(default_factory=list)
+    evicted: int = 0  # turns[:evicted] are in the transcript but out of the model's context
 
     def __post_init__(self) -> None:
         self.system_tokens = [self.bos, *(self.tokenize(self.system) if self.system else [])]
@@ -56,10 +61,14 @@ class Conversation:
         """An open turn for `text` (not yet part of the history)."""
         return Turn(user=text, user_tokens=self.tokenize(user_segment(text)))
 
+    def window(self) -> list[Turn]:
+        """The closed turns the model sees (the transcript less the evicted oldest turns)."""
+        return self.turns[self.evicted :]
+
     def tokens(self) -> list[int]:
-        """The whole history as the model sees it: BOS, system, then each turn closed by EOS."""
+        """The history as the model sees it: BOS, system, then each window turn closed by EOS."""
         out = list(self.system_tokens)
-        for t in self.turns:
+        for t in self.window():
             out += t.user_tokens
             out += t.reply_tokens
             out.append(self.eos)
@@ -70,9 +79,9 @@ class Conversation:
         return self.tokens() + turn.user_tokens
 
     def text(self, pending: Turn | None = None) -> str:
-        """The conversation as one Vicuna string (EOS written `</s>`), up to `pending`'s prompt."""
+        """What the model sees, as one Vicuna string (EOS as `</s>`), up to `pending`'s prompt."""
         parts: list[str] = []
-        for t in self.turns:
+        for t in self.window():
             parts.append(f"{user_segment(t.user)} {t.reply}{EOS_TEXT}")
         if pending is not None:
             parts.append(user_segment(pending.user))
@@ -80,15 +89,16 @@ class Conversation:
         return f"{self.system} {body}" if self.system and body else self.system or body
 
     def reply_reserve(self, max_tokens: int) -> int:
-        """Tokens kept free for a reply when deciding whether history must be evicted."""
-        return max_tokens if max_tokens > 0 else min(1024, self.n_ctx // 4)
+        """Tokens kept free for a reply when deciding whether history must be evicted.
 
-    def make_room(self, turn: Turn, max_tokens: int) -> int:
-        """Evict the oldest whole turns if `turn` and its reply would not fit; return how many.
-
-        Eviction is rare and in one chunk: it goes down to half the context, so the next turns
-        extend the KV cache again instead of re-evaluating the history every turn.
+        At most a quarter of the context: reserving all of `-n 1000` in a 1024-token context
+        would evict every turn, every turn, although the reply may well be short.
         """
+        wanted = max_tokens if max_tokens > 0 else 1024
+        return max(MIN_REPLY_TOKENS, min(wanted, self.n_ctx // 4))
+
+    def check_fits(self, turn: Turn) -> None:
+        """Refuse a message that cannot fit even with no history (ContextError, exit 6)."""
         fixed = len(self.system_tokens) + len(turn.user_tokens)
         if fixed + MIN_REPLY_TOKENS > self.n_ctx:
             raise ContextError(
@@ -96,17 +106,28 @@ class Conversation:
                 f"it needs {fixed + MIN_REPLY_TOKENS} of the {self.n_ctx}-token context "
                 "(use a larger --ctx-size or a shorter message)"
             )
+
+    def make_room(self, turn: Turn, max_tokens: int) -> int:
+        """Evict the oldest turns from the window if `turn` and its reply would not fit.
+
+        Returns how many were evicted now. Nothing is evicted while the history, the message and
+        the reply reserve fit. When they do not, eviction goes down to half the context in one
+        chunk, so the next turns extend the KV cache again instead of re-evaluating the history
+        every turn. Evicted turns stay in `turns` (the transcript).
+        """
+        self.check_fits(turn)
+        fixed = len(self.system_tokens) + len(turn.user_tokens)
         reserve = self.reply_reserve(max_tokens)
         history = len(self.tokens()) - len(self.system_tokens)
         if fixed + history + reserve <= self.n_ctx:
             return 0
-        target = self.n_ctx // 2
-        evicted = 0
-        while self.turns and fixed + history + reserve > target:
-            old = self.turns.pop(0)
+        target = max(self.n_ctx // 2, fixed + reserve)
+        before = self.evicted
+        while self.evicted < len(self.turns) and fixed + history > target - reserve:
+            old = self.turns[self.evicted]
             history -= len(old.user_tokens) + len(old.reply_tokens) + 1
-            evicted += 1
-        return evicted
+            self.evicted += 1
+        return self.evicted - before
 
     def max_reply_tokens(self, turn: Turn, max_tokens: int) -> int:
         """How many tokens the reply may have: --max-tokens, and room left for it and its EOS."""
@@ -116,3 +137,11 @@ class Conversation:
     def close(self, turn: Turn) -> None:
         """Append a finished (or interrupted) turn to the history."""
         self.turns.append(turn)
+
+    def drop_last(self) -> Turn | None:
+        """Remove the last turn from the transcript (the user's /undo); None when empty."""
+        if not self.turns:
+            return None
+        turn = self.turns.pop()
+        self.evicted = min(self.evicted, len(self.turns))
+        return turn

@@ -22,6 +22,7 @@ from wizardchat import commands
 from wizardchat.errors import WizardchatError
 from wizardchat.reader import PROMPT, LineReader
 from wizardchat.session import ChatSession, TurnResult
+from wizardchat.signals import Termination
 from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name, check_name
 
 if TYPE_CHECKING:
@@ -207,7 +208,8 @@ def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        with contextlib.suppress(termios.error, OSError):  # the terminal may have hung up
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class Repl:
@@ -240,6 +242,8 @@ class Repl:
         self._name: str | None = None  # chosen at the first save unless the user names it
         self._auto_named = False  # the name is a chat-... one wizardchat picked
         self.created = time.time()
+        self.termination = Termination(session.cancel)
+        self.terminated_by = 0  # exit status after a SIGTERM/SIGHUP ended the chat mid-reply
 
     # --- the conversation and its file ---------------------------------------------------
 
@@ -331,8 +335,16 @@ class Repl:
             f"{self.engine.model_name} · context {self.engine.n_ctx} tokens · "
             "/help for commands · Ctrl-D to exit"
         )
-        if resume is not None:
-            self.continue_session(resume)
+        with self.termination:
+            if resume is not None:
+                self.continue_session(resume)
+            self._loop()
+        if self.terminated_by:
+            return  # the terminal may be gone: no goodbye line
+        if self._name is not None and self.store.exists(self._name):
+            self.out.note(f"saved as '{self._name}' · wizardchat run --resume continues it")
+
+    def _loop(self) -> None:
         armed = False  # a Ctrl-C on an empty line was just pressed
         while True:
             try:
@@ -354,8 +366,6 @@ class Repl:
                 self.out.error(str(e))
             except KeyboardInterrupt:  # a command (not a reply: that Ctrl-C only cancels)
                 self.out.note("[interrupted]")
-        if self._name is not None and self.store.exists(self._name):
-            self.out.note(f"saved as '{self._name}' · wizardchat run --resume continues it")
 
     def handle(self, text: str) -> None:
         """One line from the user: a command, or a message to answer."""
@@ -375,16 +385,27 @@ class Repl:
     def reply_to(self, message: str) -> None:
         """Send a message, stream the reply, report, autosave."""
         chunks: Generator[str, None, None] = self.session.send(message)
-        with keyboard_echo_off(self.stdin), ctrl_c_cancels(self.session.cancel):
+        term = self.termination
+        with keyboard_echo_off(self.stdin), ctrl_c_cancels(self.session.cancel), term.replying():
             try:
                 self.out.reply(chunks)
+            except OSError:
+                if not term.received:
+                    raise  # else the terminal went away with a hangup; the turn is saved below
             finally:
                 chunks.close()  # records the turn now, however the reply ended
+                self.autosave()  # before any more output, which a closed terminal may refuse
+        if term.received:  # SIGTERM or SIGHUP mid-reply: the partial reply is saved; leave
+            self.terminated_by = term.exit_code
+            raise commands.LeaveRepl
         last = self.session.last
         if last is not None:
-            if last.finish == "interrupted":
+            if last.dropped:
+                self.out.note(
+                    "[interrupted before the reply began: the message was not kept; Up recalls it]"
+                )
+            elif last.finish == "interrupted":
                 self.out.note("[interrupted]")
-            if self.show_stats:
+            if self.show_stats and not last.dropped:
                 self.out.note(stats_line(last))
         self.out.text("")
-        self.autosave()

@@ -57,7 +57,12 @@ _STOP_RE = re.compile(r"(?<!\S)USER:")
 
 
 class StopScanner:
-    """Holds back text that may be the start of `USER:` until it is sure, and finds the stop."""
+    """Holds back text that may be the start of `USER:` until it is sure, and finds the stop.
+
+    Whitespace at the end is held back too: when `USER:` follows, the newline before it is part
+    of the model's turn-taking, not of the reply. The card's format is `...ok.</s>USER:`, so
+    that whitespace is kept neither in the reply's text nor in its tokens.
+    """
 
     def __init__(self) -> None:
         self.text = ""  # everything released so far
@@ -73,7 +78,8 @@ class StopScanner:
         m = _STOP_RE.search(full, max(0, base - 1))
         if m:
             self.stopped = True
-            return self._release_until(m.start() - base)
+            cut = _strip_trailing_space(full, m.start())
+            return self._release_stop(cut - base, m.start() - base)
         return self._release_until(self._hold_from(full) - base)
 
     def flush(self) -> list[tuple[int, str]]:
@@ -82,12 +88,14 @@ class StopScanner:
 
     @staticmethod
     def _hold_from(full: str) -> int:
-        """Index where a possible unfinished `USER:` begins (len(full) when there is none)."""
+        """Where trailing whitespace and a possible unfinished `USER:` begin (or len(full))."""
+        end = len(full)
         for k in range(min(len(STOP) - 1, len(full)), 0, -1):
             start = len(full) - k
             if STOP.startswith(full[start:]) and (start == 0 or full[start - 1].isspace()):
-                return start
-        return len(full)
+                end = start
+                break
+        return _strip_trailing_space(full, end)
 
     def _release_until(self, limit: int | None) -> list[tuple[int, str]]:
         out, used = [], 0
@@ -102,6 +110,35 @@ class StopScanner:
             self.pending.clear()
         return out
 
+    def _release_stop(self, cut: int, stop: int) -> list[tuple[int, str]]:
+        """At the stop: release the tokens that start before `cut` (the whitespace before
+        `USER:`) and end by `stop`; a token holding text and the whitespace stays whole."""
+        out, used = [], 0
+        for token, piece in self.pending:
+            if used >= cut or used + len(piece) > stop:
+                break
+            used += len(piece)
+            out.append((token, piece))
+        self.text += "".join(p for _, p in out)
+        self.pending.clear()
+        return out
+
+
+def _strip_trailing_space(text: str, end: int) -> int:
+    """The index where the run of whitespace that ends at `end` begins."""
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    return end
+
+
+def eviction_note(evicted: int, in_view: int, total: int) -> str:
+    """What the user is told when the oldest turns leave the model's context."""
+    s = "s" if evicted > 1 else ""
+    return (
+        f"context full: the model no longer sees the {evicted} oldest turn{s} "
+        f"({in_view} of {total} still in its context; the saved conversation keeps all {total})"
+    )
+
 
 @dataclass
 class TurnResult:
@@ -115,6 +152,9 @@ class TurnResult:
     seconds: float = 0.0
     finish: str = ""
     evicted_turns: int = 0
+    # Interrupted before the first reply token (Ctrl-C during a long prompt): the message was
+    # not added to the conversation, so the next message does not evaluate it again.
+    dropped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -167,8 +207,7 @@ class ChatSession:
 
     def drop_last(self) -> Turn | None:
         """Remove the last exchange from the history and return it (None when empty)."""
-        turns = self.conversation.turns
-        return turns.pop() if turns else None
+        return self.conversation.drop_last()
 
     def cancel(self) -> None:
         """Stop the reply being generated after the current token (safe from other threads)."""
@@ -180,10 +219,7 @@ class ChatSession:
         turn = conv.new_turn(text)
         evicted = conv.make_room(turn, self.max_tokens)
         if evicted:
-            self.notify(
-                f"context full: dropped the {evicted} oldest turn{'s' if evicted > 1 else ''} "
-                f"({len(conv.turns)} kept)"
-            )
+            self.notify(eviction_note(evicted, len(conv.window()), len(conv.turns)))
         prompt = conv.prompt(turn)
         if self.show_prompt:
             self.show_prompt(conv.text(turn), len(prompt))
@@ -218,7 +254,10 @@ class ChatSession:
                 result.finish = "interrupted"
             turn.reply = "".join(shown)
             turn.interrupted = result.finish == "interrupted"
-            self.conversation.close(turn)
+            if turn.interrupted and not turn.reply_tokens:
+                result.dropped = True
+            else:
+                self.conversation.close(turn)
             stats = stream.stats
             result.reply = turn.reply
             result.prompt_tokens = stats.prompt_tokens

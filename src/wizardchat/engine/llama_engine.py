@@ -36,7 +36,8 @@ class LlamaEngine:
         self.seed = settings.seed
         self.bos = int(self.llm.token_bos())
         self.eos = int(self.llm.token_eos())
-        self.n_ctx = int(self.llm.n_ctx())
+        # Never budget past llama-cpp-python's token buffer, whatever llama.cpp padded the KV to.
+        self.n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
         self.model_name = self.plan.path.name
         offload = self.plan.offload
         self.offload_plan = offload.plan if offload else None

@@ -24,6 +24,8 @@ from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
 from wizardchat.settings import KV_CACHE_TYPES, Settings
 
 LLAMA_CPP_VERSION = "0.3.36"
+# llama.cpp pads every context to a multiple of this (llama-context.cpp: GGML_PAD(n_ctx, 256)).
+CTX_PAD = 256
 ProgressFn = Callable[[float], None]
 
 
@@ -134,6 +136,16 @@ class LoadPlan:
     overrides: tuple[Override, ...]
     ctx_capped: bool
     offload: Offload | None = None  # the automatic plan and why it is on or off
+    ctx_requested: int = 0  # -c as given, when llama.cpp's padding rounded it up to n_ctx
+
+
+def pad_context(n_ctx: int) -> int:
+    """The context llama.cpp really makes for `n_ctx`: rounded up to a multiple of 256.
+
+    wizardchat asks for exactly that size, so llama-cpp-python's token buffer (sized from the
+    request) and llama.cpp's KV cache (padded) agree, and every figure shows the same number.
+    """
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
 
 
 def plan_load(
@@ -141,14 +153,14 @@ def plan_load(
 ) -> LoadPlan:
     """Resolve 'auto' settings (context, threads, flash attention) for this model and machine."""
     n_ctx_train = int(info.arch_value("context_length", 4096))
-    n_ctx, capped = settings.ctx_size, False
+    n_ctx, capped = pad_context(settings.ctx_size), False
     if n_ctx == 0:
         free = hardware.host_memory()[0] + sum(
             d.free_bytes for d in ggml.devices() if d.kind == "GPU"
         )
         free -= model_bytes(path, info) if not settings.mmap else 0
         kv = hardware.kv_bytes_per_token(info, settings.cache_type_k, settings.cache_type_v)
-        n_ctx = hardware.default_context(n_ctx_train, kv, free)
+        n_ctx = pad_context(hardware.default_context(n_ctx_train, kv, free))
         capped = n_ctx < n_ctx_train
     n_gpu_layers = settings.n_gpu_layers
     offload = plan_offload(settings, info, n_ctx, int(info.arch_value("block_count", 0)))
@@ -158,7 +170,7 @@ def plan_load(
         if auto.n_cpu_moe and not (settings.cpu_moe or settings.n_cpu_moe):
             overrides = overrides + expert_overrides(False, auto.n_cpu_moe)
         if settings.ctx_size == 0 and auto.n_ctx != n_ctx:
-            n_ctx, capped = auto.n_ctx, True
+            n_ctx, capped = pad_context(auto.n_ctx), True
     quantized_v = settings.cache_type_v not in ("f32", "f16", "bf16")
     # llama.cpp refuses a quantized V cache without flash attention; every backend wizardchat
     # builds for (CPU, CUDA, Metal) implements it, so "auto" means on.
@@ -176,6 +188,7 @@ def plan_load(
         overrides=tuple(overrides),
         ctx_capped=capped,
         offload=offload,
+        ctx_requested=settings.ctx_size if settings.ctx_size != n_ctx else 0,
     )
 
 
