@@ -407,3 +407,60 @@ def test_our_repo_id_rules_are_at_least_as_strict_as_huggingface_hubs() -> None:
             assert repo_id_problem(name) is not None, name
     assert repo_id_problem("MaziyarPanahi/WizardLM-2-8x22B-GGUF") is None
     assert repo_id_problem("mradermacher/WizardLM-2-8x22B-i1-GGUF") is None
+
+
+def test_run_with_a_malformed_repository_id_is_a_usage_error_before_any_request(
+    hub: FakeHub,
+) -> None:
+    r = run_cli("ask", "-m", "owner/na..me:Q4_K_M", "--yes", "Hi", timeout=60)
+    assert r.code == 2, r.stderr
+    assert "not a model reference" in r.stderr and "cannot reach" not in r.stderr
+    assert hub.requests == []
+
+
+# --- siblings: what else from the hub or the cache is trusted -------------------------------------
+
+
+def test_a_file_without_a_sha256_is_not_reused_from_another_commit(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A non-LFS file has no sha256 to name its blob by; the bytes under the same path and size
+    at a newer commit are other bytes, not the old blob."""
+    old, new = b"GGUF" + b"a" * 2000, b"GGUF" + b"b" * 2000
+    hub.add_repo("someone/small-GGUF", {"s.Q4_K_M.gguf": FakeFile(old, lfs=False)}, commit="1" * 40)
+    first = run_cli("pull", "someone/small-GGUF:Q4_K_M", timeout=60)
+    assert first.code == 0 and Path(first.stdout.strip()).read_bytes() == old, first.stderr
+    hub.add_repo("someone/small-GGUF", {"s.Q4_K_M.gguf": FakeFile(new, lfs=False)}, commit="2" * 40)
+    second = run_cli("pull", "someone/small-GGUF:Q4_K_M", timeout=60)
+    assert second.code == 0, second.stderr
+    assert Path(second.stdout.strip()).read_bytes() == new
+    assert "2" * 40 in second.stdout
+
+
+def test_shards_numbered_twice_or_with_a_gap_are_not_a_complete_quant(hub: FakeHub) -> None:
+    """A listing of shards 1, 1 and 3 of 3 (the same path twice) counts three files but lacks
+    shard 2: pulling it must say so instead of downloading a model llama.cpp cannot load."""
+    shard1, shard3 = "m.Q4_K_M-00001-of-00003.gguf", "m.Q4_K_M-00003-of-00003.gguf"
+    hub.add_repo(
+        "someone/gap-GGUF",
+        {
+            shard1: FakeFile(b"GGUF1"),
+            shard3: FakeFile(b"GGUF3"),
+            "m.Q4_K_M-00001-of-00003.gguf.x": FakeFile(b"x"),
+        },
+    )
+    hub.tamper("someone/gap-GGUF", files={"m.Q4_K_M-00001-of-00003.gguf.x": {"path": shard1}})
+    r = run_cli("pull", "someone/gap-GGUF:Q4_K_M", timeout=60)
+    assert r.code == 8 and "twice" in r.stderr, r.stderr
+    assert sum(hub.bytes_served.values()) == 0
+
+
+def test_a_quant_with_a_missing_shard_says_which() -> None:
+    from wizardchat.catalog import RemoteFile, group_quants
+
+    names = ["m.Q4_K_M-00001-of-00003.gguf", "m.Q4_K_M-00003-of-00003.gguf"]
+    quant = group_quants([RemoteFile(n, 5) for n in names])["Q4_K_M"]
+    assert not quant.complete and quant.missing == [2]
+    parts = [RemoteFile(f"m.Q2_K.gguf.part{i}of3", 5) for i in (1, 2, 2)]
+    quant = group_quants(parts)["Q2_K"]
+    assert not quant.complete and quant.missing == [3]

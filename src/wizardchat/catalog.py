@@ -220,6 +220,14 @@ class Quant:
         return numbers == [(i, self.expected) for i in range(1, self.expected + 1)]
 
     @property
+    def missing(self) -> list[int]:
+        """The shard or part numbers the names announce that are not listed."""
+        if self.layout == "single":
+            return [] if self.files else [1]
+        present = {n for n, _ in filter(None, (_numbering(f.path) for f in self.files))}
+        return [i for i in range(1, self.expected + 1) if i not in present]
+
+    @property
     def model_path(self) -> str:
         """The path (in the repo or snapshot) llama.cpp loads: first shard or the joined file."""
         if self.layout == "parts":

@@ -117,6 +117,10 @@ def list_remote(ref: ModelRef) -> RemoteModel:
         for s in info.siblings or []
         if isinstance(s.rfilename, str) and is_model_file(s.rfilename)
     ]  # other files are never downloaded, so never become paths
+    paths = [f.path for f in files]
+    twice = next((p for p in paths if paths.count(p) > 1), None)
+    if twice is not None:  # two sizes or hashes for one path: which bytes would be right?
+        raise HubError(_refusal(ref.repo, f"it lists {_shown(twice)} twice"))
     return RemoteModel(ref.repo, commit, group_quants(files))
 
 
@@ -192,8 +196,10 @@ def pull(
     """Download (or finish downloading) every file of `quant`; return the path to load."""
     check_quant(model, quant)
     if not quant.complete:
+        missing = ", ".join(map(str, quant.missing)) or "none, but others twice or extra"
         raise HubError(
-            f"{model.repo} {quant.name} lists {len(quant.files)} of its {quant.expected} files"
+            f"{model.repo} {quant.name} is incomplete on the hub: of its {quant.expected} "
+            f"files, it lacks {missing}"
         )
     snapshot = hubcache.snapshot_dir(model.repo, model.commit)
     target = snapshot / quant.model_path
