@@ -52,7 +52,10 @@ even with `hf_xet` installed. `HF_HUB_DISABLE_XET=1` is set anyway as a belt and
 `HF_HOME`; with telemetry disabled that request is never made, and this server answers it anyway.
 
 Fault injection is per (repo_id, path): `drop_after`, `corrupt`, `serve_html_error`, `stall`;
-`clear_faults()` removes them. Accounting: `bytes_served`, `requests`, `reset_counters()`.
+`clear_faults()` removes them. `tamper(repo_id, commit=..., files=...)` makes the hub lie in its
+JSON answers the way a hostile or broken hub could (a commit id like `../../x`, a path or LFS sha256
+with `../`, a negative size, ...) while still serving the real bytes wherever the client then asks.
+Accounting: `bytes_served`, `requests`, `reset_counters()`.
 Request headers are recorded with lower-case names and `authorization` replaced by "***".
 """
 
@@ -203,6 +206,48 @@ class _Repo:
         if len(revision) >= 7 and self.commit.startswith(revision.lower()):
             return self.commit
         return None
+
+
+@dataclass
+class _Tamper:
+    """Lies told about a repo: another commit id, and per real path, replaced JSON fields."""
+
+    commit: str | None = None
+    files: dict[str, dict[str, Any]] | None = None
+
+    def sibling(self, path: str, honest: dict[str, Any]) -> dict[str, Any]:
+        return _patched(honest, (self.files or {}).get(path), name_key="rfilename")
+
+    def tree(self, path: str, honest: dict[str, Any]) -> dict[str, Any]:
+        return _patched(honest, (self.files or {}).get(path), name_key="path")
+
+    def real_path(self, claimed: str) -> str:
+        """The real file behind a path the hub claimed (renamed with `path`), else `claimed`."""
+        for real, fields in (self.files or {}).items():
+            if fields.get("path") == claimed:
+                return real
+        return claimed
+
+
+def _patched(
+    honest: dict[str, Any], fields: dict[str, Any] | None, *, name_key: str
+) -> dict[str, Any]:
+    """`honest` with `fields` laid over it: `path` renames, `lfs` is merged (its `sha256` is
+    the tree's `oid`), anything else replaces the field of that name."""
+    if not fields:
+        return honest
+    out = dict(honest)
+    for key, value in fields.items():
+        if key == "path":
+            out[name_key] = value
+        elif key == "lfs" and isinstance(value, dict) and isinstance(out.get("lfs"), dict):
+            lfs = dict(out["lfs"])
+            for k, v in value.items():
+                lfs["oid" if k == "sha256" and name_key == "path" else k] = v
+            out["lfs"] = lfs
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -399,6 +444,9 @@ class _Handler(BaseHTTPRequestHandler):
         return "/".join(rest[:2]), rest[2:]
 
     def _repo_and_commit(self, repo_id: str, revision: str) -> tuple[_Repo, str]:
+        tamper = self.hub._tamper_of(repo_id)
+        if tamper.commit is not None and revision == tamper.commit:
+            revision = "main"  # the client asks for the commit it was told: serve the real one
         repo = self.hub._get_repo(repo_id)
         if repo is None:
             raise HubError(404, "RepoNotFound", "Repository not found")
@@ -435,14 +483,18 @@ class _Handler(BaseHTTPRequestHandler):
         repo, commit = self._repo_and_commit(repo_id, revision)
         blobs = _flag(query, "blobs")
         entries = [repo.entries[p] for p in sorted(repo.entries)]
-        siblings = [e.sibling_json() if blobs else {"rfilename": e.path} for e in entries]
+        tamper = self.hub._tamper_of(repo_id)
+        siblings = [
+            tamper.sibling(e.path, e.sibling_json() if blobs else {"rfilename": e.path})
+            for e in entries
+        ]
         author = repo_id.split("/")[0] if "/" in repo_id else None
         info = {
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
             "id": repo_id,
             "modelId": repo_id,
             "author": author,
-            "sha": commit,
+            "sha": commit if tamper.commit is None else tamper.commit,
             "lastModified": FAKE_DATE,
             "createdAt": FAKE_DATE,
             "private": False,
@@ -488,7 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not wanted(p):
                 continue
             if p in repo.entries:
-                item = repo.entries[p].tree_json()
+                item = self.hub._tamper_of(repo_id).tree(p, repo.entries[p].tree_json())
             else:
                 oid = hashlib.sha1(f"tree:{commit}:{p}".encode()).hexdigest()
                 item = {"type": "directory", "oid": oid, "size": 0, "path": p}
@@ -511,7 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, revision: str, path: str, *, head: bool) -> None:
         repo, commit = self._repo_and_commit(repo_id, revision)
-        entry = repo.entries.get(path)
+        entry = repo.entries.get(self.hub._tamper_of(repo_id).real_path(path))
         if entry is None:
             raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
         key = (repo.repo_id, path)
@@ -649,6 +701,7 @@ class FakeHub:
         self._corrupt: set[tuple[str, str]] = set()
         self._html: set[tuple[str, str]] = set()
         self._stalls: dict[tuple[str, str], float] = {}
+        self._tampers: dict[str, _Tamper] = {}
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -757,8 +810,26 @@ class FakeHub:
         with self._lock:
             self._stalls[(repo_id, path)] = seconds
 
+    def tamper(
+        self,
+        repo_id: str,
+        *,
+        commit: str | None = None,
+        files: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Lie about a repo in the JSON answers (model_info and tree), as a hostile hub could.
+
+        `commit` replaces the commit id (`sha`); `files` maps a real path to fields that replace
+        its entry's: `path` (a new name), `size`, `lfs` (merged: `sha256`, `size`). Downloads at
+        the claimed commit or of a claimed path still serve the real file, so a client that
+        believes the lie gets bytes to write wherever the lie points.
+        """
+        with self._lock:
+            self._tampers[repo_id] = _Tamper(commit, files)
+
     def clear_faults(self) -> None:
         with self._lock:
+            self._tampers.clear()
             self._drops.clear()
             self._corrupt.clear()
             self._html.clear()
@@ -780,6 +851,10 @@ class FakeHub:
     def _repo_ids(self) -> set[str]:
         with self._lock:
             return set(self._repos)
+
+    def _tamper_of(self, repo_id: str) -> _Tamper:
+        with self._lock:
+            return self._tampers.get(repo_id) or _Tamper()
 
     def _get_repo(self, repo_id: str) -> _Repo | None:
         with self._lock:

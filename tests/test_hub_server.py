@@ -353,3 +353,28 @@ def test_subprocess_with_hub_env(hub: FakeHub, tmp_path: Path) -> None:
     assert path.is_relative_to(tmp_path / "child-hf" / "hub")
     assert path.read_bytes() == DATA[SHARD2]
     assert not any("agent-harnesses" in p for _, p, _ in hub.requests)
+
+
+def test_tamper_lies_in_model_info_and_tree_and_still_serves_the_bytes(hub: FakeHub) -> None:
+    lie = "../" * 4 + "evil"
+    hub.tamper(
+        REPO,
+        commit=lie,
+        files={SINGLE: {"path": "../x.gguf", "size": -1, "lfs": {"sha256": "../y"}}},
+    )
+    api = HfApi(endpoint=hub.url)
+    info = api.model_info(REPO, files_metadata=True)
+    assert info.sha == lie
+    told = {s.rfilename: s for s in info.siblings or []}
+    assert SINGLE not in told and told["../x.gguf"].size == -1
+    lfs = told["../x.gguf"].lfs
+    assert lfs is not None and lfs.sha256 == "../y"
+    tree = {e.path: e for e in api.list_repo_tree(REPO, recursive=True)}
+    entry = tree["../x.gguf"]
+    assert isinstance(entry, RepoFile) and entry.lfs is not None and entry.lfs.sha256 == "../y"
+    # A client that believes it asks at the claimed commit and gets the real bytes.
+    url = hf_hub_url(REPO, SINGLE, revision=lie, endpoint=hub.url)
+    response = get_session().get(url, headers=build_hf_headers())
+    assert response.status_code == 200 and response.content == DATA[SINGLE]
+    hub.clear_faults()
+    assert api.model_info(REPO).sha == hub.commit_of(REPO)

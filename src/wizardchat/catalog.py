@@ -68,13 +68,64 @@ FAMILIES = {
 }
 DEFAULT_FAMILY = "wizardlm2-8x22b"
 
-_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# huggingface_hub's repo-id rules (utils/_validators.py), in ASCII: each part starts and ends
+# with a letter, digit or `_`, has only those and `-` and `.`, no `--` or `..` (the cache folder
+# models--OWNER--NAME must map back to one repo), the name at most 96 characters, no `.git` end.
+_REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+REPO_NAME_MAX = 96
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _QUANT_RE = re.compile(
     r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|F16|FP16|F32|BF16|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
     re.IGNORECASE,
 )
 _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _PART_RE = re.compile(r"\.gguf\.part(\d+)of(\d+)$")
+
+
+def repo_id_problem(repo: str) -> str | None:
+    """Why `repo` is not a valid OWNER/NAME repository id, or None when it is."""
+    owner, slash, name = repo.partition("/")
+    if not slash or not owner or not name:
+        return "a repository is OWNER/NAME"
+    if "/" in name:
+        return "a repository is OWNER/NAME, with one '/'"
+    for part in (owner, name):
+        if not _REPO_PART_RE.fullmatch(part):
+            return (
+                f"{part!r} may only have ASCII letters, digits, '-', '_' and '.', "
+                "and must start and end with a letter, digit or '_'"
+            )
+    if "--" in repo or ".." in repo:
+        return "'--' and '..' are not allowed in it"
+    if max(len(owner), len(name)) > REPO_NAME_MAX:
+        return f"OWNER and NAME may have at most {REPO_NAME_MAX} characters each"
+    if repo.endswith(".git"):
+        return "it may not end in '.git'"
+    return None
+
+
+def is_commit(value: object) -> bool:
+    """Whether `value` is a commit id as the hub gives it: 40 lower-case hex digits."""
+    return isinstance(value, str) and _COMMIT_RE.fullmatch(value) is not None
+
+
+def is_sha256(value: object) -> bool:
+    """Whether `value` is a sha256 as the hub gives it: 64 lower-case hex digits."""
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
+
+
+def repo_path_problem(path: object) -> str | None:
+    """Why `path` cannot be a file's path inside a repository (and the cache), or None."""
+    if not isinstance(path, str) or not path:
+        return "it is empty or not text"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in path):
+        return "it has control characters"
+    if "\\" in path or path.startswith("/"):
+        return "it leaves the repository"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "it leaves the repository or has empty, '.' or '..' parts"
+    return None
 
 
 def human_size(n: int) -> str:
@@ -98,25 +149,34 @@ class ModelRef:
         return f"{name}:{self.quant}" if self.quant else name
 
 
-def parse_ref(text: str) -> ModelRef | Path:
-    """`wizardlm2-8x22b[:QUANT]`, `OWNER/REPO[:QUANT]`, or a local path (returned as a Path)."""
+def parse_ref(text: str, *, reference_only: bool = False) -> ModelRef | Path:
+    """`wizardlm2-8x22b[:QUANT]`, `OWNER/REPO[:QUANT]`, or a local path (returned as a Path).
+
+    A text shaped like a reference (a `:QUANT`, or one `/`) that breaks the hub's repository-id
+    rules is a usage error, found here before any request. Any other text that is neither is a
+    missing file (NoModelError) where paths are allowed, and a usage error under
+    `reference_only` (pull, rm), whose argument can only be a reference.
+    """
     text = text.strip()
     path = Path(text).expanduser()
     if path.exists() or text.endswith(".gguf") or text.startswith((".", "/", "~")):
         return path
-    name, _, quant = text.partition(":")
+    name, colon, quant = text.partition(":")
     quant_name = quant.strip().upper() or None
     if quant_name is not None and not _QUANT_RE.fullmatch(quant_name):
         raise UsageError(f"{text!r}: {quant!r} is not a quant name such as Q4_K_M or IQ2_XS")
     family = FAMILIES.get(name.lower())
     if family is not None:
         return ModelRef(family.repo, quant_name, family)
-    if _REPO_RE.fullmatch(name):
+    problem = repo_id_problem(name)
+    if problem is None:
         known = next((f for f in FAMILIES.values() if name in (f.repo, *f.alternatives)), None)
         return ModelRef(name, quant_name, known)
+    examples = f"{' or '.join(FAMILIES)} (with :QUANT), or OWNER/REPO:QUANT"
+    if reference_only or colon or name.count("/") == 1:
+        raise UsageError(f"{text!r} is not a model reference: {problem} (use {examples})")
     raise NoModelError(
-        f"{text!r} is neither a file nor a model reference: use a path to a .gguf file, "
-        f"{' or '.join(FAMILIES)} (with :QUANT), or OWNER/REPO:QUANT"
+        f"{text!r} is neither a file nor a model reference: use a path to a .gguf file, {examples}"
     )
 
 
@@ -153,8 +213,19 @@ class Quant:
 
     @property
     def complete(self) -> bool:
-        """Whether every shard or part the names announce is there."""
-        return len(self.files) == self.expected
+        """Whether every shard or part the names announce is there, each once."""
+        if self.layout == "single":
+            return len(self.files) == 1
+        numbers = [_numbering(f.path) for f in self.files]
+        return numbers == [(i, self.expected) for i in range(1, self.expected + 1)]
+
+    @property
+    def missing(self) -> list[int]:
+        """The shard or part numbers the names announce that are not listed."""
+        if self.layout == "single":
+            return [] if self.files else [1]
+        present = {n for n, _ in filter(None, (_numbering(f.path) for f in self.files))}
+        return [i for i in range(1, self.expected + 1) if i not in present]
 
     @property
     def model_path(self) -> str:
@@ -164,7 +235,14 @@ class Quant:
         return self.files[0].path
 
 
-def _is_model_file(path: str) -> bool:
+def _numbering(path: str) -> tuple[int, int] | None:
+    """(n, of) from a shard's or part's name, None for a single file."""
+    found = _PART_RE.search(path) or _SPLIT_RE.search(path)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def is_model_file(path: str) -> bool:
+    """Whether a repository path is a GGUF model file, a shard or a byte part (not mmproj)."""
     name = Path(path).name.lower()
     if "mmproj" in name or name.startswith("."):
         return False
@@ -175,7 +253,7 @@ def group_quants(files: Iterable[RemoteFile]) -> dict[str, Quant]:
     """The repository's quants by name (the first layout found wins when one appears twice)."""
     quants: dict[str, Quant] = {}
     for f in sorted(files, key=lambda f: f.path):
-        if not _is_model_file(f.path):
+        if not is_model_file(f.path):
             continue
         name = quant_of(f.path)
         if name is None:
@@ -189,8 +267,8 @@ def group_quants(files: Iterable[RemoteFile]) -> dict[str, Quant]:
             continue  # a second copy of the quant in another layout or name: keep the first
         quant.files.append(f)
     for quant in quants.values():
-        if quant.layout == "parts":  # part10of12 sorts before part2of12 as text
-            quant.files.sort(key=lambda f: int(_PART_RE.search(f.path).group(1)))  # type: ignore[union-attr]
+        if quant.layout != "single":  # part10of12 sorts before part2of12 as text
+            quant.files.sort(key=lambda f: _numbering(f.path) or (0, 0))
     return quants
 
 

@@ -541,7 +541,7 @@ def pull(
     from wizardchat.repl import PlainOutput
 
     configured = load_settings({}).model
-    parsed = parse_ref(ref or default_ref(configured))
+    parsed = parse_ref(ref or default_ref(configured), reference_only=True)
     if isinstance(parsed, Path):
         raise UsageError(f"{parsed} is a local path; pull takes a model reference")
     model = hub.list_remote(parsed)
@@ -592,7 +592,7 @@ def rm(
     from wizardchat.catalog import human_size, parse_ref
     from wizardchat.pulling import confirm_on_terminal
 
-    parsed = parse_ref(ref)
+    parsed = parse_ref(ref, reference_only=True)
     if isinstance(parsed, Path):
         raise UsageError(f"{parsed} is a path; rm takes a model reference (see wizardchat models)")
     targets = [m for m in hubcache.local_models(parsed.repo) if parsed.quant in (None, m.quant)]
@@ -605,7 +605,10 @@ def rm(
             raise UsageError(f"rm {ref}: pass --yes to delete {names} without a terminal to ask")
         if not confirm_on_terminal(f"delete {names} ({human_size(size)})? [y/N] "):
             raise UsageError("nothing deleted")
-    freed = sum(hubcache.remove(m) for m in targets)
+    removed = [hubcache.remove(m) for m in targets]
+    freed = sum(r.freed for r in removed)
+    for path in sorted({p for r in removed for p in r.kept}):
+        _err(f"kept {path}: a link in the cache pointed there, outside the repository's folder")
     _err(f"deleted {names}: {human_size(freed)} freed ({freed} bytes)")
 
 

@@ -20,16 +20,27 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from wizardchat import hubcache
-from wizardchat.catalog import ModelRef, Quant, RemoteFile, group_quants, human_size
-from wizardchat.errors import HubError, NoModelError
+from wizardchat.catalog import (
+    ModelRef,
+    Quant,
+    RemoteFile,
+    group_quants,
+    human_size,
+    is_commit,
+    is_model_file,
+    is_sha256,
+    repo_path_problem,
+)
+from wizardchat.errors import HubError, NoModelError, UsageError
 
 CHUNK = 1 << 20
 RETRY_DELAYS = (0.5, 1.0, 2.0)  # seconds before each retry of a dropped transfer, in one run
 CONNECT_TIMEOUT, READ_TIMEOUT = 10.0, 60.0
+MAX_FILE_BYTES = 1 << 40  # 1.1 TB: the hub takes files up to 50 GB; more is a lie or a bug
 # Tests simulate a nearly full disk with this (bytes); the real figure comes from the OS.
 FREE_BYTES_OVERRIDE = "WIZARDCHAT_TEST_DISK_FREE_BYTES"
 
@@ -60,17 +71,21 @@ class RemoteModel:
     quants: dict[str, Quant]
 
 
-def _safe(path: str) -> bool:
-    p = PurePosixPath(path)
-    return bool(path) and not p.is_absolute() and ".." not in p.parts and "\\" not in path
-
-
 def list_remote(ref: ModelRef) -> RemoteModel:
-    """The repository's commit and quants, from the hub's API (nothing is downloaded)."""
+    """The repository's commit and quants, from the hub's API (nothing is downloaded).
+
+    The answer is checked before any of it becomes a path: the commit id, and of every model
+    file its path, size and sha256. A hub that answers otherwise is refused (HubError).
+    """
     if hubcache.offline():
         raise HubError(f"HF_HUB_OFFLINE is set: cannot ask the hub about {ref.repo}")
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
 
     try:
         info = HfApi(endpoint=endpoint()).model_info(ref.repo, files_metadata=True)
@@ -85,15 +100,74 @@ def list_remote(ref: ModelRef) -> RemoteModel:
         ) from None
     except HfHubHTTPError as e:
         raise HubError(f"the hub refused to list {ref.repo}: {_first_line(e)}") from None
+    except HFValidationError as e:  # parse_ref checks the same rules: this is a last line
+        raise UsageError(f"{ref.repo} is not a repository id: {_first_line(e)}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON, but not the hub's
+        raise HubError(
+            f"the answer of {endpoint()} about {ref.repo} is not the hub's "
+            f"({type(e).__name__}: {_first_line(e)}); a proxy or captive portal?"
+        ) from None
     except Exception as e:  # network: httpx2's errors, OSError, timeouts
         raise HubError(f"cannot reach {endpoint()}: {_first_line(e)}") from None
+    commit = info.sha
+    if commit is None or not is_commit(commit):
+        raise HubError(_refusal(ref.repo, f"its commit id {_shown(commit)} is not 40 hex digits"))
     files = [
-        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
+        _checked_file(ref.repo, s.rfilename, s.size, s.lfs)
         for s in info.siblings or []
-    ]
-    if not info.sha:
-        raise HubError(f"the hub gave no commit for {ref.repo}")
-    return RemoteModel(ref.repo, info.sha, group_quants(files))
+        if isinstance(s.rfilename, str) and is_model_file(s.rfilename)
+    ]  # other files are never downloaded, so never become paths
+    paths = [f.path for f in files]
+    twice = next((p for p in paths if paths.count(p) > 1), None)
+    if twice is not None:  # two sizes or hashes for one path: which bytes would be right?
+        raise HubError(_refusal(ref.repo, f"it lists {_shown(twice)} twice"))
+    return RemoteModel(ref.repo, commit, group_quants(files))
+
+
+def _refusal(repo: str, why: str) -> str:
+    return f"refusing the hub's answer about {repo}: {why}"
+
+
+def _shown(value: object) -> str:
+    """A value from the hub, quoted, escaped (no control sequence reaches the terminal), short."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _checked_file(repo: str, path: object, size: object, lfs: Any) -> RemoteFile:
+    """A model file of the hub's answer, once its path, size and sha256 are safe to use."""
+    problem = repo_path_problem(path)
+    if problem is not None:
+        raise HubError(_refusal(repo, f"the path {_shown(path)}: {problem}"))
+    assert isinstance(path, str)
+    if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+        raise HubError(_refusal(repo, f"the size of {_shown(path)} is {_shown(size)}"))
+    if lfs is None:
+        return RemoteFile(path, size, None)
+    sha256, lfs_size = getattr(lfs, "sha256", None), getattr(lfs, "size", None)
+    if not is_sha256(sha256):
+        raise HubError(
+            _refusal(repo, f"the sha256 of {_shown(path)} is {_shown(sha256)}, not 64 hex digits")
+        )
+    if lfs_size != size:
+        raise HubError(
+            _refusal(repo, f"the size of {_shown(path)} is {size} and {_shown(lfs_size)}")
+        )
+    return RemoteFile(path, size, sha256)
+
+
+def check_quant(model: RemoteModel, quant: Quant) -> None:
+    """Refuse what must not become a path: a commit, sha256 or file path the checks refuse."""
+    if not is_commit(model.commit):
+        raise HubError(f"refusing the commit id {_shown(model.commit)}: not 40 hex digits")
+    for f in quant.files:
+        problem = repo_path_problem(f.path)
+        if problem is not None:
+            raise HubError(f"refusing the hub path {_shown(f.path)}: {problem}")
+        if f.sha256 is not None and not is_sha256(f.sha256):
+            raise HubError(f"refusing the sha256 {_shown(f.sha256)}: not 64 hex digits")
+        if not 0 <= f.size <= MAX_FILE_BYTES:
+            raise HubError(f"refusing the size {f.size} of {_shown(f.path)}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -120,12 +194,12 @@ def pull(
     cancel: threading.Event | None = None,
 ) -> Path:
     """Download (or finish downloading) every file of `quant`; return the path to load."""
-    for f in quant.files:
-        if not _safe(f.path):
-            raise HubError(f"refusing the hub path {f.path!r}: it leaves the repository")
+    check_quant(model, quant)
     if not quant.complete:
+        missing = ", ".join(map(str, quant.missing)) or "none, but others twice or extra"
         raise HubError(
-            f"{model.repo} {quant.name} lists {len(quant.files)} of its {quant.expected} files"
+            f"{model.repo} {quant.name} is incomplete on the hub: of its {quant.expected} "
+            f"files, it lacks {missing}"
         )
     snapshot = hubcache.snapshot_dir(model.repo, model.commit)
     target = snapshot / quant.model_path
@@ -133,7 +207,7 @@ def pull(
         return target
     hubcache.write_manifest(model.repo, model.commit, quant)
     todo = [f for f in quant.files if not (snapshot / f.path).is_file()]
-    need = sum(f.size - _partial_size(model.repo, f) for f in todo)
+    need = sum(f.size - _partial_size(model, f) for f in todo)
     if quant.layout == "parts":
         need += quant.size  # the joined copy exists beside the parts until they are removed
     free = free_bytes(hubcache.cache_dir())
@@ -145,7 +219,7 @@ def pull(
     cancel = cancel or threading.Event()
     _download_all(model, todo, snapshot, progress, workers, cancel)
     if quant.layout == "parts":
-        _join(model.repo, snapshot, quant, progress)
+        _join(model, snapshot, quant, progress)
     refs = hubcache.repo_dir(model.repo) / "refs" / "main"
     refs.parent.mkdir(parents=True, exist_ok=True)
     refs.write_text(model.commit, encoding="utf-8")
@@ -156,15 +230,25 @@ def _all_present(snapshot: Path, quant: Quant) -> bool:
     return all((snapshot / f.path).is_file() for f in quant.files)
 
 
-def _partial_size(repo: str, f: RemoteFile) -> int:
-    partial = _blob(repo, f).with_name(_blob(repo, f).name + hubcache.PARTIAL_SUFFIX)
+def _partial_size(model: RemoteModel, f: RemoteFile) -> int:
+    partial = _partial(model, f)
     return partial.stat().st_size if partial.exists() else 0
 
 
-def _blob(repo: str, f: RemoteFile) -> Path:
-    # GGUFs on the hub are LFS files; a non-LFS file is named by a hash of its path instead.
-    name = f.sha256 or "path-" + hashlib.sha256(f.path.encode()).hexdigest()
-    return hubcache.blob_path(repo, name)
+def _blob_name(model: RemoteModel, f: RemoteFile) -> str:
+    # GGUFs on the hub are LFS files, named by their sha256. A file without one is named by a
+    # hash of its commit and path: another commit may have other bytes under the same path.
+    if f.sha256:
+        return f.sha256
+    return "path-" + hashlib.sha256(f"{model.commit}/{f.path}".encode()).hexdigest()
+
+
+def _blob(model: RemoteModel, f: RemoteFile) -> Path:
+    return hubcache.blob_path(model.repo, _blob_name(model, f))
+
+
+def _partial(model: RemoteModel, f: RemoteFile) -> Path:
+    return hubcache.partial_path(model.repo, _blob_name(model, f))
 
 
 def _download_all(
@@ -206,12 +290,12 @@ def _download(
     model: RemoteModel, f: RemoteFile, snapshot: Path, progress: Progress, cancel: threading.Event
 ) -> None:
     """One file: resume its partial file, hash it, verify, move it into place."""
-    blob = _blob(model.repo, f)
+    blob = _blob(model, f)
     link = snapshot / f.path
-    if blob.is_file() and blob.stat().st_size == f.size:  # the same bytes under another path
+    if _already_there(blob, f, progress):  # the same bytes under another path or commit
         _link(blob, link)
         return
-    partial = blob.with_name(blob.name + hubcache.PARTIAL_SUFFIX)
+    partial = _partial(model, f)
     partial.parent.mkdir(parents=True, exist_ok=True)
     hasher = hashlib.sha256()
     have = partial.stat().st_size if partial.exists() else 0
@@ -256,6 +340,19 @@ def _download(
     os.replace(partial, blob)
     _link(blob, link)
     progress.finish(f.path)
+
+
+def _already_there(blob: Path, f: RemoteFile, progress: Progress) -> bool:
+    """Whether the blob holds the file's bytes: hashed again, never trusted for name and size
+    (another tool may have put other bytes there)."""
+    if not blob.is_file() or blob.is_symlink() or blob.stat().st_size != f.size:
+        return False
+    if f.sha256 is None:
+        return True  # nothing to compare with: named by commit and path, as downloaded
+    progress.note(f"verifying {f.path}, already in the cache")
+    hasher = hashlib.sha256()
+    _hash_file(blob, hasher)
+    return hasher.hexdigest() == f.sha256
 
 
 def _hash_file(path: Path, hasher: hashlib._Hash) -> None:
@@ -343,7 +440,7 @@ def _link(blob: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def _join(repo: str, snapshot: Path, quant: Quant, progress: Progress) -> None:
+def _join(model: RemoteModel, snapshot: Path, quant: Quant, progress: Progress) -> None:
     """Concatenate verified byte parts into the model file, then remove the parts."""
     target = snapshot / quant.model_path
     tmp = target.with_name(target.name + hubcache.PARTIAL_SUFFIX)
@@ -357,10 +454,9 @@ def _join(repo: str, snapshot: Path, quant: Quant, progress: Progress) -> None:
         raise HubError(f"joining the parts of {quant.name} gave the wrong size")
     os.replace(tmp, target)
     for f in quant.files:
-        link = snapshot / f.path
-        blob = link.resolve()
-        link.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+        (snapshot / f.path).unlink(missing_ok=True)
+        # The blob pull verified and linked: never where a link found in the snapshot leads.
+        _blob(model, f).unlink(missing_ok=True)
 
 
 def resolve_local(ref: ModelRef) -> Path | None:

@@ -15,15 +15,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wizardchat.catalog import FAMILIES, Quant, RemoteFile, group_quants
+from wizardchat.catalog import (
+    FAMILIES,
+    Quant,
+    RemoteFile,
+    group_quants,
+    is_commit,
+    is_sha256,
+    repo_id_problem,
+    repo_path_problem,
+)
 
 PARTIAL_SUFFIX = ".wizardchat-partial"
 MANIFEST = "wizardchat-pull.json"
+LAYOUTS = ("single", "split", "parts")
+# A blob is named by its sha256, or (a file without one) by a hash of its commit and path.
+_BLOB_NAME_RE = re.compile(r"(?:path-)?[0-9a-f]{64}")
 
 
 def _truthy(value: str | None) -> bool:
@@ -49,16 +63,29 @@ def cache_dir() -> Path:
 
 def repo_dir(repo: str) -> Path:
     """Where one model repository lives in the cache."""
+    # Every value that becomes a path part is checked where it does: a repo id, a commit, a
+    # blob name. Callers check them first and say why; these are the last line.
+    if repo_id_problem(repo) is not None:
+        raise ValueError(f"not a repository id: {repo!r}")
     return cache_dir() / ("models--" + repo.replace("/", "--"))
 
 
-def blob_path(repo: str, sha256: str) -> Path:
-    """A file's bytes, named by their sha256."""
-    return repo_dir(repo) / "blobs" / sha256
+def blob_path(repo: str, name: str) -> Path:
+    """A file's bytes, named by their sha256 (see _BLOB_NAME_RE)."""
+    if not _BLOB_NAME_RE.fullmatch(name):
+        raise ValueError(f"not a blob name: {name!r}")
+    return repo_dir(repo) / "blobs" / name
+
+
+def partial_path(repo: str, name: str) -> Path:
+    """Where the blob `name` downloads until it is verified."""
+    return blob_path(repo, name).with_name(name + PARTIAL_SUFFIX)
 
 
 def snapshot_dir(repo: str, commit: str) -> Path:
     """The files of one commit, by their paths in the repo."""
+    if not is_commit(commit):
+        raise ValueError(f"not a commit id: {commit!r}")
     return repo_dir(repo) / "snapshots" / commit
 
 
@@ -71,10 +98,47 @@ def read_manifest(repo: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def recorded_quants(repo: str) -> dict[str, dict[str, Any]]:
+    """The manifest's quants whose every value is safe to make a path of; others are ignored.
+
+    The file is in the cache, where anything may have been edited: a commit, sha256 or path
+    that leaves the repository's folder is no reason to write or delete there.
+    """
+    quants = read_manifest(repo).get("quants")
+    if not isinstance(quants, dict):
+        return {}
+    return {
+        name: entry
+        for name, entry in quants.items()
+        if isinstance(name, str) and isinstance(entry, dict) and _sane_entry(entry)
+    }
+
+
+def _sane_entry(entry: dict[str, Any]) -> bool:
+    files = entry.get("files")
+    return (
+        is_commit(entry.get("commit"))
+        and entry.get("layout") in LAYOUTS
+        and repo_path_problem(entry.get("model_path")) is None
+        and isinstance(files, list)
+        and all(isinstance(f, dict) and _sane_file(f) for f in files)
+    )
+
+
+def _sane_file(f: dict[str, Any]) -> bool:
+    size, sha = f.get("size"), f.get("sha256")
+    return (
+        repo_path_problem(f.get("path")) is None
+        and type(size) is int
+        and size >= 0
+        and (sha is None or is_sha256(sha))
+    )
+
+
 def write_manifest(repo: str, commit: str, quant: Quant) -> None:
     """Record a quant about to be pulled (atomically: temp file then rename)."""
-    data = read_manifest(repo)
-    data.setdefault("quants", {})[quant.name] = {
+    data: dict[str, Any] = {"quants": recorded_quants(repo)}
+    data["quants"][quant.name] = {
         "commit": commit,
         "layout": quant.layout,
         "model_path": quant.model_path,
@@ -89,10 +153,11 @@ def write_manifest(repo: str, commit: str, quant: Quant) -> None:
 
 def _remove_from_manifest(repo: str, quant: str) -> None:
     data = read_manifest(repo)
-    if quant in data.get("quants", {}):
-        del data["quants"][quant]
+    quants = data.get("quants")
+    if isinstance(quants, dict) and quant in quants:
+        del quants[quant]
         path = repo_dir(repo) / MANIFEST
-        if data["quants"]:
+        if quants:
             path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         else:
             path.unlink(missing_ok=True)
@@ -139,30 +204,42 @@ def _repos() -> list[str]:
     repos = []
     for d in sorted(root.glob("models--*--*")):
         owner, _, name = d.name.removeprefix("models--").partition("--")
-        repos.append(f"{owner}/{name}")
+        if repo_id_problem(f"{owner}/{name}") is None and d.is_dir() and not d.is_symlink():
+            repos.append(f"{owner}/{name}")
     return repos
+
+
+def _snapshots(repo: str) -> list[Path]:
+    """The repo's snapshot folders: real folders named by a commit (a link may lead anywhere)."""
+    snapshots = repo_dir(repo) / "snapshots"
+    if not snapshots.is_dir() or snapshots.is_symlink():
+        return []
+    return [
+        d
+        for d in sorted(snapshots.iterdir())
+        if is_commit(d.name) and d.is_dir() and not d.is_symlink()
+    ]
 
 
 def local_models(repo: str | None = None) -> list[LocalModel]:
     """Every quant found in the cache (of one repo, or of all), complete or not."""
     found: list[LocalModel] = []
     for r in [repo] if repo else _repos():
-        manifest = read_manifest(r).get("quants", {})
+        manifest = recorded_quants(r)
         pending = _pending(r, manifest)
         seen: set[str] = set()
-        snapshots = repo_dir(r) / "snapshots"
-        for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        for snapshot in _snapshots(r):
             for q in group_quants(_snapshot_files(snapshot)).values():
                 recorded = manifest.get(q.name, {})
-                total = sum(int(f["size"]) for f in recorded.get("files", [])) or q.size
+                total = sum(f["size"] for f in recorded.get("files", [])) or q.size
                 path = snapshot / q.files[0].path
                 complete = q.complete and q.layout != "parts" and q.name not in pending
                 found.append(LocalModel(r, q.name, snapshot.name, path, q.size, total, complete))
                 seen.add(q.name)
         for name, recorded in manifest.items():  # pulls that never finished a file
             if name not in seen:
-                total = sum(int(f["size"]) for f in recorded.get("files", []))
-                partial = sum(_partial_size(r, f) for f in recorded.get("files", []))
+                total = sum(f["size"] for f in recorded["files"])
+                partial = sum(_partial_size(r, f) for f in recorded["files"])
                 path = snapshot_dir(r, recorded["commit"]) / recorded["model_path"]
                 found.append(LocalModel(r, name, recorded["commit"], path, partial, total, False))
     return found
@@ -170,10 +247,10 @@ def local_models(repo: str | None = None) -> list[LocalModel]:
 
 def _partial_size(repo: str, f: dict[str, Any]) -> int:
     sha = f.get("sha256")
-    return _size(blob_path(repo, sha + PARTIAL_SUFFIX)) if sha else 0
+    return _size(partial_path(repo, sha)) if sha else 0
 
 
-def _pending(repo: str, manifest: dict[str, Any]) -> set[str]:
+def _pending(repo: str, manifest: dict[str, dict[str, Any]]) -> set[str]:
     """Quants of the manifest with a file not yet downloaded in full."""
     pending = set()
     for name, recorded in manifest.items():
@@ -182,7 +259,7 @@ def _pending(repo: str, manifest: dict[str, Any]) -> set[str]:
             if not (snapshot / recorded["model_path"]).is_file():
                 pending.add(name)
             continue
-        if any(not (snapshot / f["path"]).is_file() for f in recorded.get("files", [])):
+        if any(not (snapshot / f["path"]).is_file() for f in recorded["files"]):
             pending.add(name)
     return pending
 
@@ -195,50 +272,103 @@ def find_complete(repo: str, quant: str | None) -> LocalModel | None:
     return None  # none, or several quants and no way to choose
 
 
-def remove(model: LocalModel) -> int:
+@dataclass(frozen=True)
+class Removed:
+    """What `remove` did: bytes freed, and files outside the repo's folder it left alone."""
+
+    freed: int
+    kept: tuple[Path, ...]
+
+
+def remove(model: LocalModel) -> Removed:
     """Delete a quant's files (links, blobs no other file uses, partial and joined files).
 
-    Returns the bytes freed.
+    Only entries inside the repository's own cache folder are deleted, and a link is deleted
+    as a link: whatever a link points to outside the folder stays (and is reported in `kept`).
     """
     root = repo_dir(model.repo)
+    inside = root.resolve()
+    blobs_dir = inside / "blobs"
+    recorded = recorded_quants(model.repo).get(model.quant, {})
+    entries = {p for p in _quant_entries(model, recorded) if _lives_in(p, inside)}
+    blobs = {
+        _entry(blob_path(model.repo, f["sha256"])) for f in recorded.get("files", []) if f["sha256"]
+    }
+    blobs |= {_link_entry(p) for p in entries if p.is_symlink()}
+    blobs = {b for b in blobs if b.parent == blobs_dir}
+    blobs |= {b.with_name(b.name + PARTIAL_SUFFIX) for b in list(blobs)}
+    # A blob another snapshot file still links to stays.
+    in_use = {_link_entry(p) for p in _snapshot_links(root)} - {
+        _link_entry(p) for p in entries if p.is_symlink()
+    }
+    doomed = [*entries, *(blobs - in_use)]
+    kept = tuple(
+        sorted({p.resolve() for p in doomed if p.is_symlink() and not _inside(p.resolve(), inside)})
+    )
+    freed = sum(_unlink(p) for p in doomed)
+    _remove_from_manifest(model.repo, model.quant)
+    _prune_empty(root)
+    return Removed(freed, kept)
+
+
+def _quant_entries(model: LocalModel, recorded: dict[str, Any]) -> set[Path]:
+    """The snapshot entries (links or files) of a quant: found there, and recorded by pull."""
     snapshot = snapshot_dir(model.repo, model.commit)
-    recorded = read_manifest(model.repo).get("quants", {}).get(model.quant, {})
-    quants = group_quants(_snapshot_files(snapshot)) if snapshot.is_dir() else {}
+    real = snapshot in _snapshots(model.repo)
+    quants = group_quants(_snapshot_files(snapshot)) if real else {}
     local = quants[model.quant].files if model.quant in quants else []
     paths = {snapshot / f.path for f in local}
     paths |= {snapshot / f["path"] for f in recorded.get("files", [])}
     if recorded.get("model_path"):
         paths.add(snapshot / recorded["model_path"])
-    blobs = {blob_path(model.repo, f["sha256"]) for f in recorded.get("files", []) if f["sha256"]}
-    for path in paths:
-        if path.is_symlink():
-            blobs.add(path.resolve())
-    blobs |= {b.with_name(b.name + PARTIAL_SUFFIX) for b in list(blobs)}
-    # A blob another snapshot file still links to stays.
-    in_use = {p.resolve() for p in (root / "snapshots").rglob("*") if p.is_symlink()} - {
-        p.resolve() for p in paths if p.is_symlink()
-    }
-    freed = 0
-    for path in paths:
-        if path.is_symlink():
-            path.unlink()
-        elif path.is_file():
-            freed += _size(path)
-            path.unlink()
-    for blob in blobs - in_use:
-        if blob.is_file():
-            freed += _size(blob)
-            blob.unlink()
-    _remove_from_manifest(model.repo, model.quant)
-    _prune_empty(root)
-    return freed
+    return paths
+
+
+def _snapshot_links(root: Path) -> list[Path]:
+    snapshots = root / "snapshots"
+    if not snapshots.is_dir() or snapshots.is_symlink():
+        return []
+    return [p for p in snapshots.rglob("*") if p.is_symlink()]  # rglob does not enter links
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def _lives_in(entry: Path, folder: Path) -> bool:
+    """Whether the directory entry `entry` (not what it may link to) is inside `folder`."""
+    return _inside(entry.parent.resolve(), folder)
+
+
+def _entry(path: Path) -> Path:
+    """`path` with its folder resolved and its last part as it is (a link stays a link)."""
+    return path.parent.resolve() / path.name
+
+
+def _link_entry(link: Path) -> Path:
+    """The directory entry a link names (one step, not followed further), folder resolved."""
+    target = Path(os.path.normpath(link.parent.resolve() / os.readlink(link)))
+    return _entry(target)
+
+
+def _unlink(path: Path) -> int:
+    """Delete a file or link (never a folder, never through a link); its bytes freed."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return 0
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def _prune_empty(root: Path) -> None:
     """Remove directories left empty, up to and including the repo's own."""
     if not root.is_dir():
         return
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    folders = (p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())
+    for d in sorted(folders, key=lambda p: -len(p.parts)):
         if not any(d.iterdir()):
             d.rmdir()
     remaining = [p for p in root.rglob("*") if p.is_file() and p.parent.name != "refs"]
