@@ -110,7 +110,11 @@ VerbosePromptOpt = Annotated[
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(message + "\n")
+    """One message on stderr, control characters made visible: messages echo untrusted text
+    (paths, names, the prompt with past replies), and stderr is for people, pipe or not."""
+    from wizardchat.safe_text import terminal_safe
+
+    sys.stderr.write(terminal_safe(message) + "\n")
     sys.stderr.flush()
 
 
