@@ -24,7 +24,7 @@ from conftest import WIZARDCHAT, run_cli
 from gguf_models import write_model
 from test_repl import Chat, clean
 
-from wizardchat.safe_text import terminal_safe
+from wizardchat.safe_text import json_safe, terminal_safe
 
 # ESC [ 2 J, BEL, CR, C1 OSC (U+009D) 0 ; X, BS, RLO (U+202E), !, DEL. A scripted model's
 # pieces must all differ, hence one of each control.
@@ -129,6 +129,13 @@ def test_controls_are_shown_and_text_is_kept() -> None:
     assert terminal_safe(kept) is kept
 
 
+def test_json_safe_keeps_the_value() -> None:
+    text = json.dumps({"r": EVIL_REPLY + "\x85\u2066"}, ensure_ascii=False)
+    safe = json_safe(text)
+    assert json.loads(safe) == json.loads(text)
+    assert_safe(safe, (*RAW, "\x85", "\u2066"))
+
+
 # --- ask and batch: a terminal gets visible controls, a pipe the exact reply -------------------
 
 
@@ -157,6 +164,17 @@ def test_batch_to_a_pipe_writes_the_exact_replies(evil_model: Path) -> None:
     result = run_cli("run", "-m", str(evil_model), stdin="one\ntwo\n")
     assert result.code == 0, result.stderr
     assert result.stdout == f"{EVIL_REPLY}\n\n{EVIL_REPLY}\n\n"
+
+
+def test_json_escapes_the_controls_json_leaves_raw(evil_model: Path) -> None:
+    # json.dumps(ensure_ascii=False) escapes C0 only; DEL, C1 and bidi controls would stay raw.
+    result = run_cli("ask", "Hi", "-m", str(evil_model), "--json")
+    assert_safe(result.stdout)
+    assert json.loads(result.stdout)["reply"] == EVIL_REPLY
+    assert "\\u009d0;X\\b\\u202e!\\u007f" in result.stdout
+    result = run_cli("run", "-m", str(evil_model), "--jsonl", stdin='{"prompt": "Hi"}\n')
+    assert_safe(result.stdout)
+    assert json.loads(result.stdout)["reply"] == EVIL_REPLY
 
 
 # --- stderr: always safe, pipe or not --------------------------------------------------------
@@ -194,6 +212,16 @@ def test_the_load_bar_shows_a_file_name_safely(evil_model: Path, tmp_path: Path)
     received = run_on_terminal("ask", "Hi", "-m", str(named))
     assert_safe(received, (*RAW, "\x1b]0;"))
     assert r"m\x1b]0;t\x07.gguf" in received
+
+
+def test_llama_log_on_stderr_shows_a_path_safely(evil_model: Path, tmp_path: Path) -> None:
+    named = tmp_path / "m\x1b]0;t\x07.gguf"
+    named.symlink_to(evil_model)
+    result = run_cli("ask", "Hi", "-m", str(named), "--verbose")
+    assert result.code == 0, result.stderr
+    assert "llama_model_loader" in result.stderr  # llama.cpp's log names the file it loads
+    assert_safe(result.stderr, (*RAW, "\x1b]0;"))
+    assert r"m\x1b]0;t\x07.gguf" in result.stderr
 
 
 # --- the REPL in a pty -----------------------------------------------------------------------

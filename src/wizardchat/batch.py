@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from wizardchat.errors import ContextError, UsageError
 from wizardchat.render import stream_plain
+from wizardchat.safe_text import json_safe
 from wizardchat.session import ChatSession
 
 
@@ -100,6 +101,6 @@ def run_jsonl(
             error(f"line {number}: {e}")
             answer = {"line": number, "error": str(e)}
             result.failed += 1
-        out.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        out.write(json_safe(json.dumps(answer, ensure_ascii=False)) + "\n")
         out.flush()
     return result

@@ -336,7 +336,9 @@ def ask(
                 "finish": last.finish,
                 "timings": last.timings,
             }
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            from wizardchat.safe_text import json_safe
+
+            sys.stdout.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         else:
             from wizardchat.render import stream_plain
 

@@ -62,3 +62,16 @@ def is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
+
+
+# JSON escapes C0 controls itself; these it would leave raw (with ensure_ascii=False).
+_JSON_TABLE = {c: f"\\u{c:04x}" for c in [0x7F, *_C1, *_BIDI]}
+
+
+def json_safe(json_text: str) -> str:
+    """JSON text with DEL, C1 and bidi controls escaped as `\\u009b`: the same value to a parser.
+
+    `json.dumps(..., ensure_ascii=False)` escapes only C0 controls; outside strings JSON text is
+    ASCII, so every character replaced here sits in a string, where `\\uXXXX` means itself.
+    """
+    return json_text.translate(_JSON_TABLE)
