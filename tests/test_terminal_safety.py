@@ -224,6 +224,14 @@ def test_llama_log_on_stderr_shows_a_path_safely(evil_model: Path, tmp_path: Pat
     assert r"m\x1b]0;t\x07.gguf" in result.stderr
 
 
+def test_doctor_on_a_terminal_shows_a_path_safely(evil_model: Path, tmp_path: Path) -> None:
+    named = tmp_path / "m\x1b]0;t\x07.gguf"
+    named.symlink_to(evil_model)
+    received = run_on_terminal("doctor", "-m", str(named))
+    assert_safe(received, (*RAW, "\x1b]0;"))
+    assert r"m\x1b]0;t\x07.gguf" in received
+
+
 # --- the REPL in a pty -----------------------------------------------------------------------
 
 
@@ -333,6 +341,14 @@ def test_load_replays_past_turns_and_prompt_shows_replies_safely(
 # --- the Output classes, each method --------------------------------------------------------
 
 
+def _drain(fd: int) -> bytes:
+    """Everything waiting on `fd` (each write may arrive in its own read)."""
+    data = bytearray()
+    while select.select([fd], [], [], 0.5)[0]:
+        data += os.read(fd, 65536)
+    return bytes(data)
+
+
 def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
     from wizardchat.repl import PlainOutput
 
@@ -346,7 +362,7 @@ def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
             out.past_turn("u\x1bc", "p\x9d")
             out.note("n\x1b]0;x\x07")
             out.error("e\x1b[2J")
-        received = os.read(master, 65536).decode()
+        received = _drain(master).decode()
     finally:
         os.close(master)
         os.close(slave)

@@ -604,7 +604,10 @@ def doctor(
     if json_output:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
-        sys.stdout.write(doctor_module.render(report) + "\n")
+        from wizardchat.safe_text import is_terminal, terminal_safe
+
+        text = doctor_module.render(report)  # paths, GGUF metadata, RPC workers' descriptions
+        sys.stdout.write((terminal_safe(text) if is_terminal(sys.stdout) else text) + "\n")
 
 
 @app.command()
