@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from wizardchat.errors import ContextError, UsageError
 from wizardchat.recording import Recording, free_name
 from wizardchat.render import stream_plain
+from wizardchat.safe_text import json_safe
 from wizardchat.session import ChatSession
 from wizardchat.signals import Termination
 
@@ -137,7 +138,7 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
             error(f"line {number}: {e}")
             answer = {"line": number, "error": str(e)}
             result.failed += 1
-        out.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        out.write(json_safe(json.dumps(answer, ensure_ascii=False)) + "\n")
         out.flush()
         if result.terminated:
             break

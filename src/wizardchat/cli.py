@@ -111,7 +111,11 @@ VerbosePromptOpt = Annotated[
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(message + "\n")
+    """One message on stderr, control characters made visible: messages echo untrusted text
+    (paths, names, the prompt with past replies), and stderr is for people, pipe or not."""
+    from wizardchat.safe_text import terminal_safe
+
+    sys.stderr.write(terminal_safe(message) + "\n")
     sys.stderr.flush()
 
 
@@ -340,7 +344,9 @@ def ask(
                 "finish": last.finish,
                 "timings": last.timings,
             }
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            from wizardchat.safe_text import json_safe
+
+            sys.stdout.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         else:
             from wizardchat.render import stream_plain
 
@@ -639,7 +645,10 @@ def doctor(
     if json_output:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
-        sys.stdout.write(doctor_module.render(report) + "\n")
+        from wizardchat.safe_text import is_terminal, terminal_safe
+
+        text = doctor_module.render(report)  # paths, GGUF metadata, RPC workers' descriptions
+        sys.stdout.write((terminal_safe(text) if is_terminal(sys.stdout) else text) + "\n")
 
 
 @app.command()

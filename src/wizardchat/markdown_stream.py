@@ -40,6 +40,11 @@ Finished blocks are rendered from the tokens already parsed, after a token that 
 blocks come out as rich puts them (rich's own quirks included: a list or a quote gets its blank
 line from the last element inside it).
 
+The reply is untrusted text: control characters other than line endings and tabs are written
+visibly (`\\x1b`, see safe_text) before markdown parsing, so the printed output is the one of
+`Markdown(whole_reply)` with those characters made visible, and the only escapes on the terminal
+are rich's own styling.
+
 Known exception: a link reference definition (`[x]: https://...`) that comes after the link
 using it cannot be applied to a block printed before it arrived, so such a link renders as plain
 text, where a one-shot render would show the link. Definitions before their use work.
@@ -59,6 +64,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown, UnknownElement
 from rich.segment import Segment
+
+from wizardchat.safe_text import terminal_safe
 
 # The parser rich.markdown.Markdown builds (rich 15): block boundaries must be the ones it sees.
 _PARSER = MarkdownIt().enable("strikethrough").enable("table")
@@ -203,7 +210,9 @@ class MarkdownStream:
         if not chunk:
             return
         self._chunks.append(chunk)
-        text = self._normalize(chunk)
+        # Line endings first (a CR is one in markdown, so it cannot overwrite a line), then
+        # every other control character made visible: rich is never given a raw ESC.
+        text = terminal_safe(self._normalize(chunk))
         if not text:
             return
         self._pending.append(text)

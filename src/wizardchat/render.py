@@ -5,12 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TextIO
 
+from wizardchat.safe_text import is_terminal, terminal_safe
 
-def stream_plain(chunks: Iterable[str], out: TextIO) -> str:
-    """Write each chunk as it arrives, flushed so pipes see it at once; return the whole text."""
+
+def stream_plain(chunks: Iterable[str], out: TextIO, *, safe: bool | None = None) -> str:
+    """Write each chunk as it arrives, flushed so pipes see it at once; return the whole text.
+
+    With `safe` (by default: when `out` is a terminal) control characters are written visibly
+    (safe_text); a pipe or file gets the exact text. The returned text is always the exact one.
+    """
+    if safe is None:
+        safe = is_terminal(out)
     parts = []
     for chunk in chunks:
-        out.write(chunk)
+        out.write(terminal_safe(chunk) if safe else chunk)
         out.flush()
         parts.append(chunk)
     return "".join(parts)
@@ -23,7 +31,7 @@ class LoadProgress:
 
     def __init__(self, out: TextIO, label: str) -> None:
         self.out = out
-        self.label = label
+        self.label = terminal_safe(label)  # a file name: whatever the user or a download chose
         self._shown = -1
 
     def __call__(self, fraction: float) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from wizardchat import commands
 from wizardchat.errors import WizardchatError
 from wizardchat.reader import PROMPT, LineReader
+from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
 from wizardchat.signals import Termination
 from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name, check_name
@@ -74,30 +75,38 @@ def _table_lines(rows: Sequence[tuple[str, ...]], header: bool) -> list[str]:
 
 
 class PlainOutput:
-    """Plain text: replies and command output on stdout, notes and errors on stderr."""
+    """Plain text: replies and command output on stdout, notes and errors on stderr.
+
+    Everything written may hold untrusted text (replies, past turns, names, paths), so control
+    characters are made visible (safe_text): on stderr always, on stdout when it is a terminal.
+    """
 
     def __init__(self, out: TextIO, err: TextIO) -> None:
         self.out, self.err = out, err
+        self._safe_out = is_terminal(out)
+
+    def _out_text(self, text: str) -> str:
+        return terminal_safe(text) if self._safe_out else text
 
     def reply(self, chunks: Iterator[str]) -> str:
         from wizardchat.render import stream_plain
 
         try:
-            text = stream_plain(chunks, self.out)
+            text = stream_plain(chunks, self.out, safe=self._safe_out)
         finally:
             self.out.write("\n")
             self.out.flush()
         return text
 
     def note(self, text: str) -> None:
-        self.err.write(text + "\n")
+        self.err.write(terminal_safe(text) + "\n")
         self.err.flush()
 
     def error(self, text: str) -> None:
         self.note(f"error: {text}")
 
     def text(self, text: str) -> None:
-        self.out.write(text + "\n")
+        self.out.write(self._out_text(text) + "\n")
         self.out.flush()
 
     def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
@@ -108,7 +117,11 @@ class PlainOutput:
 
 
 class RichOutput:
-    """Markdown replies streamed with rich; dim notes; errors in red on stderr."""
+    """Markdown replies streamed with rich; dim notes; errors in red on stderr.
+
+    All text is made terminal-safe (safe_text) before rich sees it: rich's `Text` drops a few
+    controls (BEL, CR...) but passes ESC through, and only rich's own styling may emit escapes.
+    """
 
     def __init__(self, console: Console, err_console: Console) -> None:
         self.console, self.err_console = console, err_console
@@ -116,22 +129,23 @@ class RichOutput:
     def reply(self, chunks: Iterator[str]) -> str:
         from wizardchat.markdown_stream import stream_markdown
 
-        return stream_markdown(chunks, self.console)
+        return stream_markdown(chunks, self.console)  # it makes the text safe itself
 
     def note(self, text: str) -> None:
         from rich.text import Text
 
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(terminal_safe(text), style="dim"))
 
     def error(self, text: str) -> None:
         from rich.text import Text
 
-        self.err_console.print(Text(f"error: {text}", style="red"))
+        self.err_console.print(Text(f"error: {terminal_safe(text)}", style="red"))
 
     def text(self, text: str) -> None:
         from rich.text import Text
 
-        self.console.print(Text(text), soft_wrap=True)  # exact text: the terminal wraps it
+        # exact text: the terminal wraps it
+        self.console.print(Text(terminal_safe(text)), soft_wrap=True)
 
     def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
         from rich.table import Table
@@ -140,15 +154,17 @@ class RichOutput:
         for i, title in enumerate(rows[0]):
             table.add_column(title if header else "", style="bold" if i == 0 and not header else "")
         for row in rows[1:] if header else rows:
-            table.add_row(*row)
+            table.add_row(*(terminal_safe(cell) for cell in row))
         self.console.print(table)
 
     def past_turn(self, user: str, reply: str) -> None:
         from rich.markdown import Markdown
         from rich.text import Text
 
-        self.console.print(Text(PROMPT + user, style="bold"))
-        self.console.print(Markdown(reply))
+        self.console.print(Text(PROMPT + terminal_safe(user), style="bold"))
+        # Line endings as the streamed reply has them (markdown_stream), the rest made visible.
+        reply = reply.replace("\r\n", "\n").replace("\r", "\n")
+        self.console.print(Markdown(terminal_safe(reply)))
         self.console.print()
 
 

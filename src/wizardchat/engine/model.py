@@ -21,6 +21,7 @@ from wizardchat.engine.offload import Offload, plan_offload
 from wizardchat.engine.placement import Override, OverrideArray, expert_overrides
 from wizardchat.errors import LoadError, WizardchatError
 from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
+from wizardchat.safe_text import terminal_safe
 from wizardchat.settings import KV_CACHE_TYPES, Settings
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -62,7 +63,8 @@ class _LogSink:
             if level == self.ERROR and line.strip():
                 self.last_error = line.strip()
             if self.stream is not None and not self.stream.closed:
-                self.stream.write(line)
+                # The log quotes the model's path and metadata: untrusted text, read by people.
+                self.stream.write(terminal_safe(line))
                 self.stream.flush()
 
     def attach(self, stream: IO[str] | None) -> None:
