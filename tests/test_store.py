@@ -418,3 +418,15 @@ def test_a_loose_sessions_directory_is_tightened(tmp_path: Path) -> None:
     SessionStore(tmp_path / "s").save(session("a", "x"))
     assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(paths.make_private_dir(tmp_path / "q" / "r")).st_mode) == 0o700
+
+
+def test_the_data_dir_is_private_whoever_creates_it_first(isolated_home: Path) -> None:
+    from wizardchat.engine.offload import remember_ram_bandwidth
+
+    old = os.umask(0)
+    try:
+        remember_ram_bandwidth(1e9)  # `doctor` may be the first to write in the data dir
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(paths.data_dir()).st_mode) == 0o700
+    assert paths.data_dir() == isolated_home / "data"
