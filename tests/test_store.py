@@ -23,6 +23,7 @@ from wizardchat.store import (
     SavedSession,
     SavedTurn,
     SessionChanged,
+    SessionHeld,
     SessionStore,
     check_name,
 )
@@ -319,7 +320,7 @@ def test_a_claim_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path
     holder = start_holder(tmp_path)
     try:
         store = SessionStore(tmp_path)
-        with pytest.raises(SessionError) as error:
+        with pytest.raises(SessionHeld) as error:
             store.claim("work")
         host = socket.gethostname()
         assert str(error.value) == (
@@ -430,3 +431,10 @@ def test_the_data_dir_is_private_whoever_creates_it_first(isolated_home: Path) -
         os.umask(old)
     assert stat.S_IMODE(os.stat(paths.data_dir()).st_mode) == 0o700
     assert paths.data_dir() == isolated_home / "data"
+
+
+def test_a_lock_file_that_cannot_be_made_is_a_plain_session_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("", encoding="utf-8")
+    with pytest.raises(SessionError, match="cannot claim session 'a'") as error:
+        SessionStore(tmp_path / "not-a-dir").claim("a")
+    assert not isinstance(error.value, SessionHeld)

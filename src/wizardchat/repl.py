@@ -27,6 +27,7 @@ from wizardchat.store import (
     SavedTurn,
     SessionChanged,
     SessionClaim,
+    SessionHeld,
     SessionStore,
     auto_name,
     check_name,
@@ -278,7 +279,7 @@ class Repl:
                 continue
             try:
                 self._hold(name)
-            except SessionError:
+            except SessionHeld:
                 continue  # another wizardchat picked it a moment ago
             return name
         raise SessionError(f"no free session name like '{base}' in {self.store.directory}")

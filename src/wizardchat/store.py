@@ -207,6 +207,10 @@ def auto_name(now: float | None = None) -> str:
     return time.strftime("chat-%Y%m%d-%H%M%S", time.localtime(now))
 
 
+class SessionHeld(SessionError):
+    """Another live wizardchat holds the session (its pid and host are in the message)."""
+
+
 class SessionChanged(SessionError):
     """The file changed on disk since this store read or wrote it; it was not overwritten."""
 
@@ -310,7 +314,7 @@ def _lock_file(path: Path, name: str) -> int:
         fd = os.open(path, flags, 0o600)
         try:
             if not _try_lock(fd):
-                raise SessionError(
+                raise SessionHeld(
                     f"session '{name}' is open in another wizardchat ({_holder(path)}); "
                     "close it there or use another --session"
                 )
@@ -363,10 +367,13 @@ class SessionStore:
     # --- claims -------------------------------------------------------------------------------
 
     def claim(self, name: str) -> SessionClaim:
-        """Hold session `name` for this process; SessionError (exit 7) naming the holder if
-        another live process holds it. Claiming a name this store already holds returns that
-        same claim. Without file locking (no fcntl or msvcrt) the claim holds nothing, and
-        `save`'s changed-on-disk check is the only protection."""
+        """Hold session `name` for this process until the claim is released (or the process ends).
+
+        SessionHeld (a SessionError, exit 7) names the holder if another live process holds it;
+        SessionError if the lock file cannot be made. Claiming a name this store already holds
+        returns that same claim. Without file locking (no fcntl or msvcrt) the claim holds
+        nothing, and `save`'s changed-on-disk check is the only protection.
+        """
         check_name(name)
         held = self._claims.get(name)
         if held is not None and held.held:
