@@ -429,11 +429,13 @@ def run(
     store = SessionStore(paths.sessions_dir())
     # Read the saved conversation before loading the model: a bad name or file fails fast.
     saved = None
+    # A session is open in one wizardchat at a time: claim it first (exit 7 if held elsewhere).
     if session_name:
+        store.claim(session_name)
         saved = store.load(session_name) if store.exists(session_name) else None
     elif resume:
         last = store.last()
-        saved = store.load(last) if last else None
+        saved = store.load(store.claim(last).name) if last else None
         if saved is None:
             _err("wizardchat: no saved conversation to resume; starting a new one")
     with _engine(settings, verbose_prompt) as (engine, session):
@@ -511,8 +513,9 @@ def _repl(
         paths.input_history_file(),
         command_names=commands.BY_NAME,
         argument_kinds={c.name: c.completes for c in commands.COMMANDS if c.completes},
-        session_names=lambda: [s.name for s in store.list()],
+        session_names=store.names,  # file names only: completion never parses a file
         setting_names=commands.PARAMS,
+        warn=_err,
     )
     session.notify = out.note
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
@@ -779,7 +782,7 @@ def sessions(ctx: typer.Context) -> None:
         _err("no saved conversations yet (wizardchat run saves each one)")
         return
     PlainOutput(sys.stdout, sys.stderr).rows(
-        [("NAME", "TURNS", "LAST USED")] + [session_row(s) for s in found], header=False
+        [("NAME", "TURNS", "LAST USED", "")] + [session_row(s) for s in found], header=False
     )
 
 

@@ -209,7 +209,8 @@ def _sessions(repl: Repl, arg: str) -> None:
     if not found:
         repl.out.note("no saved sessions yet")
         return
-    repl.out.rows([("name", "turns", "last used")] + [session_row(s) for s in found], header=True)
+    header = ("name", "turns", "last used", "")
+    repl.out.rows([header] + [session_row(s) for s in found], header=True)
 
 
 def _read(repl: Repl, arg: str) -> None:
@@ -333,12 +334,18 @@ def find(name: str) -> Command:
     return command
 
 
-def session_row(s: Any) -> tuple[str, str, str]:
-    """A (name, turns, last used) row for a SessionSummary."""
+def session_row(s: Any) -> tuple[str, str, str, str]:
+    """A (name, turns, last used, problem) row for a SessionSummary; an unreadable file says
+    what is wrong with it."""
     import time
 
     turns = "unreadable" if s.turns is None else str(s.turns)
-    return s.name, turns, time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
+    try:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
+    except (OverflowError, OSError, ValueError):
+        used = "?"
+    problem = "".join(c if c.isprintable() else "?" for c in s.problem[:120])
+    return s.name, turns, used, f"({problem})" if problem else ""
 
 
 def editor_command() -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from pathlib import Path
 
 APP = "wizardchat"
@@ -61,3 +63,25 @@ def sessions_dir() -> Path:
 def input_history_file() -> Path:
     """The REPL's input history (up-arrow, Ctrl-R), kept across runs."""
     return data_dir() / "input-history"
+
+
+def make_private_dir(directory: Path) -> Path:
+    """Create `directory` and any missing parents readable by the user alone (0700, whatever
+    the umask), and tighten `directory` itself if it exists with a looser mode.
+
+    The data dir holds every message typed. A directory we cannot chmod (someone else's) is
+    left as it is; one that cannot be created raises OSError.
+    """
+    missing = []
+    d = directory
+    while not os.path.lexists(d) and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)  # the umask can only take bits away from 0700
+    with contextlib.suppress(OSError):
+        mode = directory.stat().st_mode
+        if stat.S_ISDIR(mode) and stat.S_IMODE(mode) & 0o077:
+            directory.chmod(0o700)
+    return directory

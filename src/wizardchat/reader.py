@@ -8,7 +8,10 @@ for it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 if TYPE_CHECKING:
     from prompt_toolkit.completion import CompleteEvent, Completer, Completion
     from prompt_toolkit.document import Document
+    from prompt_toolkit.history import History
     from prompt_toolkit.key_binding import KeyBindings
 
 PROMPT = ">>> "
@@ -87,32 +91,102 @@ class ToolkitReader:
         argument_kinds: dict[str, str],
         session_names: Callable[[], list[str]],
         setting_names: Iterable[str],
+        warn: Callable[[str], None] = lambda text: None,
     ) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 
-        history: History
-        try:
-            history_path.parent.mkdir(parents=True, exist_ok=True)
-            history_path.touch(exist_ok=True)
-            history = FileHistory(str(history_path))
-        except OSError:
-            history = InMemoryHistory()  # a read-only data dir must not stop the chat
+        self._history = _input_history(history_path)
+        self._warn = warn
+        self._warned = False
         self._status = ""
         self.session: PromptSession[str] = PromptSession(
-            history=history,
+            history=self._history,
             completer=_completer(command_names, argument_kinds, session_names, setting_names),
             complete_while_typing=False,
             key_bindings=_key_bindings(),
             bottom_toolbar=lambda: self._status,
             enable_open_in_editor=True,
+            enable_suspend=True,  # Ctrl-Z stops the process as in any shell program; fg resumes
             # "... " starts each new line of a message; a long line wraps under its own text.
             prompt_continuation=lambda width, line, wrap: " " * width if wrap else CONTINUATION,
         )
 
     def read(self, status: str) -> str:
+        self._report_history_problem()
         self._status = status
-        return unwrap_block(self.session.prompt(PROMPT))
+        try:
+            return unwrap_block(self.session.prompt(PROMPT))
+        finally:
+            self._report_history_problem()
+
+    def _report_history_problem(self) -> None:
+        """Say once, between prompts, that the history file is not used (never mid-prompt)."""
+        problem = getattr(self._history, "problem", "")
+        if problem and not self._warned:
+            self._warned = True
+            self._warn(
+                f"wizardchat: warning: input history not kept: {problem}; "
+                "this chat's history is in memory only"
+            )
+
+
+def _input_history(path: Path) -> History:
+    """A FileHistory kept private (0600 in a 0700 directory, whatever the umask) that falls
+    back to memory, with `problem` set, when the file cannot be read or written."""
+    from prompt_toolkit.history import FileHistory
+
+    class SafeFileHistory(FileHistory):
+        """prompt-toolkit reads the file in a background thread and appends after each
+        message; an error there would print a traceback every time."""
+
+        problem = ""
+
+        def load_history_strings(self) -> Iterable[str]:
+            if self.problem:
+                return []
+            try:
+                return list(super().load_history_strings())
+            except (OSError, ValueError) as e:
+                self._fail(e)
+                return []
+
+        def store_string(self, string: str) -> None:
+            if self.problem:
+                return
+            try:
+                super().store_string(string)
+            except (OSError, ValueError) as e:
+                self._fail(e)
+
+        def _fail(self, error: Exception) -> None:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            self.problem = f"cannot use {path} ({reason})"
+
+    history = SafeFileHistory(str(path))
+    try:
+        _private_file(path)
+    except OSError as e:
+        history._fail(e)
+    return history
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` 0600 (and its directory 0700) if missing; tighten looser modes; check that
+    it is a regular file we can read and append to."""
+    from wizardchat.paths import make_private_dir
+
+    make_private_dir(path.parent)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            with contextlib.suppress(OSError):  # not ours to change: use it as it is
+                os.fchmod(fd, 0o600)  # it holds every message typed
+    finally:
+        os.close(fd)
 
 
 def _key_bindings() -> KeyBindings:
@@ -210,12 +284,13 @@ def make_reader(
     argument_kinds: dict[str, str],
     session_names: Callable[[], list[str]],
     setting_names: Iterable[str],
+    warn: Callable[[str], None] = lambda text: None,
 ) -> LineReader:
-    """The best reader this terminal supports."""
+    """The best reader this terminal supports; `warn` gets a one-line warning (history)."""
     if terminal_can_edit(sys.stdin, sys.stdout):
         try:
             return ToolkitReader(
-                history_path, command_names, argument_kinds, session_names, setting_names
+                history_path, command_names, argument_kinds, session_names, setting_names, warn
             )
         except Exception:  # an odd terminal prompt-toolkit cannot drive: fall back, not fail
             pass

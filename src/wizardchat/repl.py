@@ -19,12 +19,21 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from wizardchat import commands
-from wizardchat.errors import WizardchatError
+from wizardchat.errors import SessionError, WizardchatError
 from wizardchat.reader import PROMPT, LineReader
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
 from wizardchat.signals import Termination
-from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name, check_name
+from wizardchat.store import (
+    SavedSession,
+    SavedTurn,
+    SessionChanged,
+    SessionClaim,
+    SessionHeld,
+    SessionStore,
+    auto_name,
+    check_name,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -257,30 +266,55 @@ class Repl:
         self.stdin = stdin or sys.stdin
         self._name: str | None = None  # chosen at the first save unless the user names it
         self._auto_named = False  # the name is a chat-... one wizardchat picked
+        self._claim: SessionClaim | None = None  # this process's hold on the name
         self.created = time.time()
         self.termination = Termination(session.cancel)
         self.terminated_by = 0  # exit status after a SIGTERM/SIGHUP ended the chat mid-reply
 
     # --- the conversation and its file ---------------------------------------------------
+    #
+    # Whenever the conversation has a name this process holds a claim on it (SessionStore.claim),
+    # so a second wizardchat cannot open it and overwrite its turns; switching names takes the
+    # new claim before the old one is given up, so a refused switch leaves everything as it was.
 
     @property
     def name(self) -> str:
         """The session's name (an automatic one is picked the first time it is needed)."""
         if self._name is None:
-            base = auto_name()
-            name, n = base, 1
-            while self.store.exists(name):
-                n += 1
-                name = f"{base}-{n}"
-            self._name, self._auto_named = name, True
+            self._name, self._auto_named = self._free_name(auto_name()), True
         return self._name
+
+    def _hold(self, name: str) -> None:
+        """Claim `name` (SessionError if another process has it), then let the old claim go."""
+        claim = self.store.claim(name)
+        if self._claim is not None and self._claim is not claim:
+            self._claim.release()
+        self._claim = claim
+
+    def _free_name(self, base: str) -> str:
+        """`base`, else `base-2`, `base-3`, ...: the first name with no file, now claimed."""
+        for n in range(1, 1000):
+            name = base if n == 1 else f"{base[:60]}-{n}"
+            if self.store.exists(name):
+                continue
+            try:
+                self._hold(name)
+            except SessionHeld:
+                continue  # another wizardchat picked it a moment ago
+            return name
+        raise SessionError(f"no free session name like '{base}' in {self.store.directory}")
 
     def name_session(self, name: str) -> None:
         """Use `name` for this conversation from now on (it need not exist yet)."""
-        self._name, self._auto_named = check_name(name), False
+        self._hold(check_name(name))
+        self._name, self._auto_named = name, False
 
     def autosave(self, force: bool = False) -> Path | None:
-        """Write the conversation to its session file (after every turn; atomic)."""
+        """Write the conversation to its session file (after every turn; atomic).
+
+        If the file changed on disk since this chat read or wrote it, it is left alone and the
+        conversation goes to a new name instead: nobody's turns are lost.
+        """
         conv = self.session.conversation
         on_disk = self._name is not None and self.store.exists(self._name)
         if not conv.turns and not force and not on_disk:
@@ -292,7 +326,13 @@ class Repl:
             model=self.engine.model_name,
             created=self.created,
         )
-        return self.store.save(saved)
+        try:
+            return self.store.save(saved)
+        except SessionChanged as e:
+            saved.name = self._name = self._free_name(saved.name)
+            path = self.store.save(saved)
+            self.out.error(f"{e}: this conversation is saved as '{saved.name}' from now on")
+            return path
 
     def save_as(self, name: str) -> Path | None:
         """/save NAME: this conversation is NAME from now on (an automatic file is renamed)."""
@@ -304,25 +344,40 @@ class Repl:
         old = self._name if self._auto_named else None
         self.name_session(name)
         path = self.autosave(force=True)
-        if old is not None and old != name and self.store.exists(old):
+        if old is not None and old != self._name and self.store.exists(old):
             self.store.remove(old)  # the automatically named copy is now the named one
         return path
 
     def open_session(self, name: str) -> None:
-        """Continue a saved conversation (the current one stays saved)."""
-        self.continue_session(self.store.load(name))
+        """Continue a saved conversation (the current one stays saved).
+
+        A session open in another wizardchat, or a file that cannot be read, is a SessionError
+        and the current conversation goes on as it was.
+        """
+        held_before = self.store.holds(name)
+        claim = self.store.claim(name)
+        try:
+            saved = self.store.load(name)
+        except BaseException:
+            if not held_before:
+                claim.release()
+            raise
+        self.continue_session(saved)
 
     def continue_session(self, saved: SavedSession) -> None:
         """Make `saved` the conversation, and show its last exchanges."""
-        self.session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
         self.name_session(saved.name)
+        self.session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
         self.created = saved.created or time.time()
         self.show_history(saved)
 
     def new_conversation(self, system: str | None = None) -> None:
-        """A fresh conversation under a new automatic name."""
+        """A fresh conversation under a new automatic name (the old one is saved and let go)."""
         self.session.reset(system=system)
         self._name, self.created = None, time.time()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     def show_history(self, saved: SavedSession) -> None:
         """Print the last exchanges of a conversation being continued."""

@@ -34,7 +34,7 @@ def remember_ram_bandwidth(value: float) -> None:
     """Keep a measured host bandwidth for later starts (best effort)."""
     path = paths.data_dir() / MACHINE_FILE
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_private_dir(path.parent)  # the data dir is private (0700)
         path.write_text(json.dumps({"ram_bandwidth": value}) + "\n", encoding="utf-8")
     except OSError:
         pass
