@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from wizardchat.conversation import MIN_REPLY_TOKENS, user_segment
 from wizardchat.errors import ContextError, UsageError
+from wizardchat.inputs import repair_text
 from wizardchat.render import stream_plain
 from wizardchat.session import ChatSession
 
@@ -20,14 +22,34 @@ class BatchResult:
     failed: int = 0
 
 
-def _slash_command(session: ChatSession, line: str) -> None:
+def _slash_command(session: ChatSession, line: str, note: Callable[[str], None]) -> None:
     name, _, arg = line[1:].partition(" ")
     if name == "reset":
         session.reset()
+    elif name == "system" and not arg.strip():
+        # As in the REPL, /system alone shows the prompt; on stderr, so stdout stays replies.
+        note(f"system prompt: {session.conversation.system or '(none)'}")
     elif name == "system":
-        session.reset(system=arg.strip())
+        _set_system(session, arg.strip())
     else:
-        raise UsageError(f"unknown command /{name} (batch mode knows /reset and /system TEXT)")
+        raise UsageError(
+            f"unknown command /{name} (batch mode knows /reset, /system [TEXT] and //TEXT)"
+        )
+
+
+def _set_system(session: ChatSession, system: str) -> None:
+    """Start a new conversation with `system`, unless it leaves no room for a message."""
+    previous = session.conversation.system
+    session.reset(system=system)
+    conv = session.conversation
+    # The shortest exchange: an empty user turn and the least room a reply needs.
+    least = len(conv.system_tokens) + len(conv.tokenize(user_segment(""))) + MIN_REPLY_TOKENS
+    if least > conv.n_ctx:
+        session.reset(system=previous)
+        raise ContextError(
+            f"system prompt too long: {len(conv.system_tokens)} tokens leave no room for a "
+            f"message in the {conv.n_ctx}-token context; the previous one is kept"
+        )
 
 
 def run_lines(
@@ -40,8 +62,10 @@ def run_lines(
         if not line.strip():
             continue
         try:
-            if line.startswith("/"):
-                _slash_command(session, line)
+            if line.startswith("//"):
+                line = line[1:]  # the REPL's escape: send text that begins with /
+            elif line.startswith("/"):
+                _slash_command(session, line, error)
                 continue
             reply = stream_plain(session.send(line), out)
             out.write("\n\n" if not reply.endswith("\n") else "\n")
@@ -58,6 +82,10 @@ def _parse_record(line: str) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise UsageError(f"not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UsageError("JSON nested too deeply") from None
+    except ValueError as e:  # valid JSON Python refuses: an integer over 4300 digits
+        raise UsageError(f"unreadable JSON ({e})") from None
     if not isinstance(record, dict):
         raise UsageError('expected an object like {"prompt": "..."}')
     if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
@@ -66,6 +94,10 @@ def _parse_record(line: str) -> dict[str, Any]:
         raise UsageError('"system" must be a string')
     if "reset" in record and not isinstance(record["reset"], bool):
         raise UsageError('"reset" must be true or false')
+    # JSON may spell lone surrogates ("\ud800") that no UTF-8 can carry: U+FFFD, as stdin gets.
+    for key in ("prompt", "system"):
+        if key in record:
+            record[key] = repair_text(record[key])
     return record
 
 
@@ -81,7 +113,7 @@ def run_jsonl(
         try:
             record = _parse_record(line)
             if "system" in record and record["system"] != session.conversation.system:
-                session.reset(system=record["system"])
+                _set_system(session, record["system"])
             elif record.get("reset"):
                 session.reset()
             reply = "".join(session.send(record["prompt"]))
