@@ -121,7 +121,7 @@ def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
 
 def test_config_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "dir.toml").mkdir()
-    with pytest.raises(UsageError, match="config file .* is a directory"):
+    with pytest.raises(UsageError, match=r"config file .* is a directory"):
         load_settings({}, config_path=tmp_path / "dir.toml", environ={})
 
 
@@ -365,3 +365,36 @@ def test_closed_stderr_does_not_stop_the_reply(models) -> None:
     assert (p.returncode, p.stdout) == (0, SCRIPT_REPLY + "\n")
     p = _shell(f"'{WIZARDCHAT}' ask Hi -m /nonexistent.gguf 2>&-")
     assert p.returncode == ExitCode.NO_MODEL
+
+
+def test_endless_line_to_batch_ends_it_with_exit_6(models) -> None:
+    # ulimit: should the bound ever break, fail with MemoryError instead of filling the machine
+    p = _shell(f"ulimit -v 8000000; (echo Hi; cat /dev/zero) | '{WIZARDCHAT}' run "
+               f"-m '{models.scripted}'")  # fmt: skip
+    assert p.returncode == ExitCode.CONTEXT, p.stderr
+    assert p.stdout == SCRIPT_REPLY + "\n\n"
+    assert p.stderr == (
+        "wizardchat: error: line 2: over 16 MiB without a newline; the batch stops here\n"
+    )
+
+
+def test_batch_message_too_long_is_refused_before_tokenizing(models) -> None:
+    lines = [
+        "y " * 500_000,
+        "Hi",
+        json.dumps({"prompt": "y " * 500_000}),
+        json.dumps({"prompt": "Hi"}),
+    ]
+    r = run_cli("run", "-m", str(models.scripted), "-c", "128", stdin="\n".join(lines[:2]) + "\n")
+    assert r.code == ExitCode.USAGE and r.stdout == SCRIPT_REPLY + "\n\n"
+    assert "line 1: message too long: 1000000 characters cannot fit in the " in r.stderr
+    r = run_cli("run", "--jsonl", "-m", str(models.scripted), "-c", "128",
+                stdin="\n".join(lines[2:]) + "\n")  # fmt: skip
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert "prompt too long: 1000000 characters cannot fit" in out[0]["error"]
+    assert out[1]["reply"] == SCRIPT_REPLY
+
+
+def test_rpc_worker_threads_are_bounded_too() -> None:
+    r = run_cli("rpc-worker", "-t", "100000", timeout=30)
+    assert r.code == ExitCode.USAGE and "less than or equal to 512" in r.stderr

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from wizardchat.conversation import MIN_REPLY_TOKENS, user_segment
 from wizardchat.errors import ContextError, UsageError
-from wizardchat.inputs import repair_text
+from wizardchat.inputs import MAX_BYTES_PER_TOKEN, repair_text
 from wizardchat.render import stream_plain
 from wizardchat.session import ChatSession
 
@@ -37,8 +37,18 @@ def _slash_command(session: ChatSession, line: str, note: Callable[[str], None])
         )
 
 
+def _check_length(session: ChatSession, text: str, what: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it all (megabytes are slow)."""
+    n_ctx = session.conversation.n_ctx
+    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:
+        raise ContextError(
+            f"{what} too long: {len(text)} characters cannot fit in the {n_ctx}-token context"
+        )
+
+
 def _set_system(session: ChatSession, system: str) -> None:
     """Start a new conversation with `system`, unless it leaves no room for a message."""
+    _check_length(session, system, "system prompt")
     previous = session.conversation.system
     session.reset(system=system)
     conv = session.conversation
@@ -62,6 +72,7 @@ def run_lines(
         if not line.strip():
             continue
         try:
+            _check_length(session, line, "message")
             if line.startswith("//"):
                 line = line[1:]  # the REPL's escape: send text that begins with /
             elif line.startswith("/"):
@@ -112,6 +123,7 @@ def run_jsonl(
             continue
         try:
             record = _parse_record(line)
+            _check_length(session, record["prompt"], "prompt")
             if "system" in record and record["system"] != session.conversation.system:
                 _set_system(session, record["system"])
             elif record.get("reset"):

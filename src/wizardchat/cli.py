@@ -31,7 +31,7 @@ from wizardchat.errors import (
     UsageError,
     WizardchatError,
 )
-from wizardchat.settings import Settings, field_help, load_settings
+from wizardchat.settings import MAX_THREADS, Settings, field_help, load_settings
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
@@ -251,8 +251,18 @@ def _check_fits(text: str, n_ctx: int) -> None:
 
 
 def _stdin_lines() -> Iterator[str]:
-    for raw in sys.stdin.buffer:
-        yield raw.decode("utf-8", errors="replace")
+    from wizardchat.inputs import STDIN_LIMIT, TooLongError, read_lines
+
+    count = 0
+    try:
+        for line in read_lines(sys.stdin.buffer, STDIN_LIMIT):
+            count += 1
+            yield line
+    except TooLongError:
+        raise ContextError(
+            f"line {count + 1}: over {STDIN_LIMIT // (1024 * 1024)} MiB without a newline; "
+            "the batch stops here"
+        ) from None
 
 
 def _version(value: bool) -> None:
@@ -729,7 +739,9 @@ def rpc_worker(
         Path | None,
         typer.Option("--cache-dir", help="Keep received tensors here to reload them faster."),
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads.")] = 0,
+    threads: Annotated[
+        int, typer.Option("--threads", "-t", min=0, max=MAX_THREADS, help="CPU threads.")
+    ] = 0,
     allow_remote: Annotated[
         bool,
         typer.Option(

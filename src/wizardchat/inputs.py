@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +56,18 @@ def read_limited(stream: BinaryIO, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise TooLongError
+
+
+def read_lines(stream: BinaryIO, limit: int) -> Iterator[str]:
+    """The lines of `stream`, decoded with U+FFFD for invalid UTF-8; TooLongError at a line
+    over `limit` bytes (`cat /dev/zero |` has no end to skip to, so the reading stops there)."""
+    while True:
+        raw = stream.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            raise TooLongError
+        yield raw.decode("utf-8", errors="replace")
 
 
 def regular_file_problem(path: Path) -> str | None:
