@@ -305,10 +305,11 @@ def test_model_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
         os.mkfifo(path)
     else:
         path.mkdir()
-    r = run_cli("ask", "Hi", "-m", str(path), timeout=30)
-    assert r.code == ExitCode.BAD_MODEL, r.stderr
-    assert ("is a FIFO" if kind == "fifo" else "is a directory") in r.stderr
-    assert r.stderr.count("\n") == 1
+    for command in ("ask", "doctor"):
+        r = run_cli(command, *(["Hi"] if command == "ask" else []), "-m", str(path), timeout=30)
+        assert r.code == ExitCode.BAD_MODEL, (command, r.stderr)
+        assert ("is a FIFO" if kind == "fifo" else "is a directory") in r.stderr
+        assert r.stderr.count("\n") == 1
 
 
 def test_read_refuses_fifos_devices_directories_and_files_too_big(models, tmp_path: Path) -> None:

@@ -648,6 +648,10 @@ def doctor(
     from wizardchat import doctor as doctor_module
 
     settings = load_settings({"model": model, "rpc": rpc})
+    from wizardchat.catalog import parse_ref
+
+    if settings.model and isinstance(local := parse_ref(settings.model), Path):
+        _check_model_file(local)  # reading a FIFO's header would wait forever
     if settings.rpc:
         from wizardchat.engine.rpc import add_servers
 
