@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from wizardchat.conversation import MIN_REPLY_TOKENS, user_segment
 from wizardchat.errors import ContextError, UsageError
+from wizardchat.inputs import MAX_BYTES_PER_TOKEN, repair_text
 from wizardchat.recording import Recording, free_name
 from wizardchat.render import stream_plain
 from wizardchat.safe_text import json_safe
@@ -36,9 +38,16 @@ class Batch:
     result: BatchResult = field(default_factory=BatchResult)
 
     def reset(self, system: str | None = None) -> None:
-        """A new conversation; a saved one stays as it is and the new one gets its own name."""
+        """A new conversation; a saved one stays as it is and the new one gets its own name.
+
+        A system prompt that leaves no room for a message is refused (ContextError) and the
+        conversation goes on as it was.
+        """
         had_turns = bool(self.session.conversation.turns)
-        self.session.reset(system=system)
+        if system is None:
+            self.session.reset()
+        else:
+            _set_system(self.session, system)
         if self.recording is not None and had_turns:
             old = self.recording.name
             name = free_name(self.recording.store)
@@ -64,10 +73,40 @@ def _slash_command(batch: Batch, line: str) -> None:
     name, _, arg = line[1:].partition(" ")
     if name == "reset":
         batch.reset()
+    elif name == "system" and not arg.strip():
+        # As in the REPL, /system alone shows the prompt; on stderr, so stdout stays replies.
+        batch.error(f"system prompt: {batch.session.conversation.system or '(none)'}")
     elif name == "system":
         batch.reset(system=arg.strip())
     else:
-        raise UsageError(f"unknown command /{name} (batch mode knows /reset and /system TEXT)")
+        raise UsageError(
+            f"unknown command /{name} (batch mode knows /reset, /system [TEXT] and //TEXT)"
+        )
+
+
+def _check_length(session: ChatSession, text: str, what: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it all (megabytes are slow)."""
+    n_ctx = session.conversation.n_ctx
+    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:
+        raise ContextError(
+            f"{what} too long: {len(text)} characters cannot fit in the {n_ctx}-token context"
+        )
+
+
+def _set_system(session: ChatSession, system: str) -> None:
+    """Start a new conversation with `system`, unless it leaves no room for a message (then the
+    conversation goes on as it was)."""
+    _check_length(session, system, "system prompt")
+    conv = session.conversation
+    system_tokens = 1 + (len(conv.tokenize(system)) if system else 0)  # BOS, then the text
+    # The shortest exchange: an empty user turn and the least room a reply needs.
+    least = system_tokens + len(conv.tokenize(user_segment(""))) + MIN_REPLY_TOKENS
+    if least > conv.n_ctx:
+        raise ContextError(
+            f"system prompt too long: {system_tokens} tokens leave no room for a message in the "
+            f"{conv.n_ctx}-token context; the previous one is kept"
+        )
+    session.reset(system=system)
 
 
 def run_lines(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
@@ -78,7 +117,10 @@ def run_lines(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
         if not line.strip():
             continue
         try:
-            if line.startswith("/"):
+            _check_length(batch.session, line, "message")
+            if line.startswith("//"):
+                line = line[1:]  # the REPL's escape: send text that begins with /
+            elif line.startswith("/"):
                 _slash_command(batch, line)
                 continue
             reply = stream_plain(batch.answer(line), out)
@@ -98,6 +140,10 @@ def _parse_record(line: str) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise UsageError(f"not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UsageError("JSON nested too deeply") from None
+    except ValueError as e:  # valid JSON Python refuses: an integer over 4300 digits
+        raise UsageError(f"unreadable JSON ({e})") from None
     if not isinstance(record, dict):
         raise UsageError('expected an object like {"prompt": "..."}')
     if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
@@ -106,6 +152,10 @@ def _parse_record(line: str) -> dict[str, Any]:
         raise UsageError('"system" must be a string')
     if "reset" in record and not isinstance(record["reset"], bool):
         raise UsageError('"reset" must be true or false')
+    # JSON may spell lone surrogates ("\ud800") that no UTF-8 can carry: U+FFFD, as stdin gets.
+    for key in ("prompt", "system"):
+        if key in record:
+            record[key] = repair_text(record[key])
     return record
 
 
@@ -118,6 +168,7 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
             continue
         try:
             record = _parse_record(line)
+            _check_length(session, record["prompt"], "prompt")
             if "system" in record and record["system"] != session.conversation.system:
                 batch.reset(system=record["system"])
             elif record.get("reset"):

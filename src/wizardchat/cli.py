@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +22,16 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 
 from wizardchat import __version__
-from wizardchat.errors import ExitCode, NoModelError, UsageError, WizardchatError
-from wizardchat.settings import Settings, field_help, load_settings
+from wizardchat.errors import (
+    BadModelError,
+    ContextError,
+    ExitCode,
+    NoModelError,
+    OutputError,
+    UsageError,
+    WizardchatError,
+)
+from wizardchat.settings import MAX_THREADS, Settings, field_help, load_settings
 from wizardchat.signals import Terminated
 
 if TYPE_CHECKING:
@@ -124,6 +133,8 @@ def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False
     if flags.get("override_tensor") == []:
         flags["override_tensor"] = None
     settings = load_settings(flags)
+    if getattr(sys.stdout, "closed_at_start", False):  # before minutes of loading, not after
+        raise OutputError("cannot write output: stdout is closed")
     from wizardchat.catalog import DEFAULT_FAMILY
     from wizardchat.pulling import confirm_on_terminal, resolve_model
 
@@ -134,7 +145,16 @@ def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False
         confirm=confirm_on_terminal,
         err=sys.stderr,
     )
+    _check_model_file(path)
     return dataclasses.replace(settings, model=str(path))
+
+
+def _check_model_file(path: Path) -> None:
+    """A directory, FIFO or device as --model: say so, before reading it blocks or never ends."""
+    from wizardchat.inputs import regular_file_problem
+
+    if path.exists() and (problem := regular_file_problem(path)):
+        raise BadModelError(f"model {path} {problem}")
 
 
 @contextmanager
@@ -216,13 +236,43 @@ def _session(engine: LlamaEngine, settings: Settings, verbose_prompt: bool) -> C
 
 
 def _read_stdin_text() -> str:
-    """All of stdin, with invalid UTF-8 replaced rather than fatal."""
-    return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    """All of stdin up to a bound, with invalid UTF-8 replaced rather than fatal."""
+    from wizardchat.inputs import STDIN_LIMIT, TooLongError, read_limited
+
+    try:
+        data = read_limited(sys.stdin.buffer, STDIN_LIMIT)
+    except TooLongError:
+        raise ContextError(
+            f"input too long: piped stdin is over {STDIN_LIMIT // (1024 * 1024)} MiB, more "
+            "than any context holds"
+        ) from None
+    return data.decode("utf-8", errors="replace")
+
+
+def _check_fits(text: str, n_ctx: int) -> None:
+    """Refuse text that cannot fit before tokenizing it all (megabytes take a while)."""
+    from wizardchat.inputs import MAX_BYTES_PER_TOKEN
+
+    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:  # len in characters <= bytes
+        raise ContextError(
+            f"input too long for the context: {len(text)} characters cannot fit in "
+            f"{n_ctx} tokens (use a larger --ctx-size or a shorter input)"
+        )
 
 
 def _stdin_lines() -> Iterator[str]:
-    for raw in sys.stdin.buffer:
-        yield raw.decode("utf-8", errors="replace")
+    from wizardchat.inputs import STDIN_LIMIT, TooLongError, read_lines
+
+    count = 0
+    try:
+        for line in read_lines(sys.stdin.buffer, STDIN_LIMIT):
+            count += 1
+            yield line
+    except TooLongError:
+        raise ContextError(
+            f"line {count + 1}: over {STDIN_LIMIT // (1024 * 1024)} MiB without a newline; "
+            "the batch stops here"
+        ) from None
 
 
 def _version(value: bool) -> None:
@@ -261,6 +311,10 @@ def _guarded(command: Callable[..., None]) -> Callable[..., None]:
         except Exception as e:
             if _state.debug:
                 raise
+            if isinstance(e, OSError) and _stdout_failed():
+                _quiet_broken_pipe()  # the buffered rest must not fail again at exit
+                _err(f"wizardchat: error: cannot write output: {e.strerror or e}")
+                raise typer.Exit(ExitCode.OUTPUT) from None
             _err(f"wizardchat: unexpected error: {type(e).__name__}: {e} (--debug shows details)")
             raise typer.Exit(ExitCode.ERROR) from None
 
@@ -323,14 +377,18 @@ def ask(
         for k, v in locals().items()
         if k not in ("prompt", "json_output", "verbose_prompt", "yes")
     }
+    from wizardchat.inputs import repair_text
+
     piped = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin_text().strip()
-    parts = [p for p in (piped, (prompt or "").strip()) if p]
+    parts = [p for p in (piped, repair_text(prompt or "").strip()) if p]
     if not parts:
         raise UsageError('nothing to ask: give a prompt (wizardchat ask "...") or pipe text in')
     text = "\n\n".join(parts)
     can_ask = sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
     settings = _settings(flags, yes=yes, can_ask=can_ask)
+    out = _reply_output()
     with _engine(settings, verbose_prompt) as (engine, session):
+        _check_fits(text, engine.n_ctx)
         if json_output:
             reply = "".join(session.send(text))
             last = session.last
@@ -346,13 +404,13 @@ def ask(
             }
             from wizardchat.safe_text import json_safe
 
-            sys.stdout.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
+            out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         else:
             from wizardchat.render import stream_plain
 
-            reply = stream_plain(session.send(text), sys.stdout)
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+            reply = stream_plain(session.send(text), out)
+            out.write("\n")
+        out.flush()
 
 
 @app.command()
@@ -476,7 +534,7 @@ def _run_batch(
     with Termination(session.cancel) as termination:
         job = batch.Batch(session, _err, recording=recording, termination=termination)
         runner = batch.run_jsonl if jsonl else batch.run_lines
-        result = runner(job, _stdin_lines(), sys.stdout)
+        result = runner(job, _stdin_lines(), _reply_output())
     if recording is not None and job.recording is not None and store.exists(job.recording.name):
         _err(f"saved as '{job.recording.name}'")
     if result.terminated:
@@ -640,6 +698,10 @@ def doctor(
     from wizardchat import doctor as doctor_module
 
     settings = load_settings({"model": model, "rpc": rpc})
+    from wizardchat.catalog import parse_ref
+
+    if settings.model and isinstance(local := parse_ref(settings.model), Path):
+        _check_model_file(local)  # reading a FIFO's header would wait forever
     if settings.rpc:
         from wizardchat.engine.rpc import add_servers
 
@@ -734,7 +796,9 @@ def rpc_worker(
         Path | None,
         typer.Option("--cache-dir", help="Keep received tensors here to reload them faster."),
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads.")] = 0,
+    threads: Annotated[
+        int, typer.Option("--threads", "-t", min=0, max=MAX_THREADS, help="CPU threads.")
+    ] = 0,
     allow_remote: Annotated[
         bool,
         typer.Option(
@@ -801,6 +865,53 @@ def sessions_rm(
         _err(f"removed '{name}'")
 
 
+class _ReplyOutput:
+    """stdout for replies: a failed write (disk full, I/O error) is an OutputError, exit 9.
+
+    A cut pipe stays a BrokenPipeError: the reader went away, which is not a failure.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @staticmethod
+    def _failed(error: OSError) -> OSError | OutputError:
+        if isinstance(error, BrokenPipeError):
+            return error
+        _quiet_broken_pipe()  # the unwritten rest must not fail again at exit
+        return OutputError(f"cannot write output: {error.strerror or error}")
+
+
+def _reply_output() -> typing.TextIO:
+    return typing.cast(typing.TextIO, _ReplyOutput(sys.stdout))
+
+
+def _stdout_failed() -> bool:
+    """Whether stdout is what failed: closed from the start, or still unable to flush."""
+    if getattr(sys.stdout, "closed_at_start", False):
+        return True
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        return True
+    return False
+
+
 def _quiet_broken_pipe() -> None:
     """The reader went away (`| head`): point stdout at /dev/null so exit does not complain."""
     try:
@@ -812,7 +923,22 @@ def _quiet_broken_pipe() -> None:
 
 def main() -> None:
     """Run the typer app (wizardchat.entry decides whether it is needed)."""
-    app(prog_name="wizardchat")
+    from wizardchat.entry import output_failed
+
+    try:
+        app(prog_name="wizardchat")
+    except OSError as e:  # --version or --help into a closed or full stdout
+        output_failed(e)
+    except SystemExit:
+        # What is still buffered (a table, a path, help) is written now, not in the
+        # interpreter's own flush at exit, which could only print "Exception ignored".
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except OSError as e:
+            output_failed(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wizardchat.errors import WizardchatError
+from wizardchat.settings import RANGES
 
 if TYPE_CHECKING:
     from wizardchat.repl import Repl
@@ -56,15 +57,18 @@ class Param:
     put: Callable[[Repl, Any], None]
 
 
-def _number(kind: type[int] | type[float], ok: Callable[[Any], bool], rule: str) -> Any:
+def _number(kind: type[int] | type[float], name: str) -> Any:
+    """A parser for the setting `name`, allowing what flags and config allow (settings.RANGES)."""
+    bounds = RANGES[name]
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             what = "an integer" if kind is int else "a number"
-            raise CommandError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise CommandError(f"{text} is out of range ({rule})")
+            raise CommandError(f"{text[:40]!r} is not {what}") from None
+        if not bounds.allows(value):
+            raise CommandError(f"{text[:40]} is out of range ({bounds.rule})")
         return value
 
     return parse
@@ -90,44 +94,44 @@ PARAMS = {
         Param(
             "temperature",
             "0 = greedy; higher is more random",
-            _number(float, lambda v: v >= 0, "0 or more"),
+            _number(float, "temperature"),
             *_sampling("temperature"),
         ),
         Param(
             "top_p",
             "nucleus sampling; 1 disables",
-            _number(float, lambda v: 0 < v <= 1, "above 0, at most 1"),
+            _number(float, "top_p"),
             *_sampling("top_p"),
         ),
         Param(
             "top_k",
             "sample from the K likeliest; 0 disables",
-            _number(int, lambda v: v >= 0, "0 or more"),
+            _number(int, "top_k"),
             *_sampling("top_k"),
         ),
         Param(
             "min_p",
             "drop tokens below this share of the likeliest; 0 disables",
-            _number(float, lambda v: 0 <= v <= 1, "0 to 1"),
+            _number(float, "min_p"),
             *_sampling("min_p"),
         ),
         Param(
             "repeat_penalty",
             "penalise repeated tokens; 1 disables",
-            _number(float, lambda v: v > 0, "above 0"),
+            _number(float, "repeat_penalty"),
             *_sampling("repeat_penalty"),
         ),
         Param(
             "max_tokens",
             "longest reply; -1 = until the model stops",
-            _number(int, lambda v: v == -1 or v > 0, "-1 or 1 and more"),
+            _number(int, "max_tokens"),
             lambda repl: repl.session.max_tokens,
             _put_max_tokens,
         ),
         Param(
             "seed",
             "sampler seed; -1 = random each reply",
-            _number(int, lambda v: -1 <= v < 2**32 - 1, "-1 to 4294967294"),
+            _number(int, "seed"),
             lambda repl: repl.engine.seed,
             lambda repl, v: repl.engine.set_seed(v),
         ),
@@ -216,9 +220,25 @@ def _sessions(repl: Repl, arg: str) -> None:
 def _read(repl: Repl, arg: str) -> None:
     if not arg:
         raise CommandError("which file? /read FILE")
+    from wizardchat.inputs import (
+        MAX_BYTES_PER_TOKEN,
+        TooLongError,
+        read_limited,
+        regular_file_problem,
+    )
+
     path = Path(arg).expanduser()
+    problem = regular_file_problem(path)  # before open(): a FIFO would block, /dev/zero not end
+    if problem:
+        raise CommandError(f"cannot read {path}: {problem}")
+    n_ctx = repl.session.conversation.n_ctx
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = read_limited(f, n_ctx * MAX_BYTES_PER_TOKEN)
+    except TooLongError:
+        raise CommandError(
+            f"{path} is too big for the context of {n_ctx} tokens (a larger --ctx-size holds more)"
+        ) from None
     except OSError as e:
         raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
     if b"\0" in data[:8192]:

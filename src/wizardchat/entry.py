@@ -7,6 +7,10 @@ ever differ, so edit the commands in cli.py and paste the new output here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
 import sys
 
 TOP_LEVEL_HELP = """\
@@ -32,10 +36,69 @@ Commands:
 """
 
 
+class ClosedOutput(io.TextIOBase):
+    """Stands for a stdout that was closed when wizardchat started: every write fails.
+
+    cli.py checks `closed_at_start` before loading a model and turns the failure into one line
+    and exit code 9, instead of the AttributeError of writing to None.
+    """
+
+    closed_at_start = True
+
+    def write(self, text: str) -> int:
+        """Fail as writing to a closed file descriptor does."""
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def isatty(self) -> bool:
+        """Not a terminal."""
+        return False
+
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def guard_standard_streams() -> None:
+    """Make closed stdin, stdout or stderr (`>&-`, `2>&-`) safe before anything runs.
+
+    Each closed descriptor gets /dev/null, so no file opened later (the model, a log) takes its
+    number and receives what was meant for the terminal. A closed stderr then just loses the
+    messages and the reply still goes out; a closed stdout fails on the first write (see
+    ClosedOutput).
+    """
+    closed = [fd for fd in (0, 1, 2) if not _fd_is_open(fd)]
+    for fd in closed:
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    if 1 in closed or sys.stdout is None:
+        sys.stdout = ClosedOutput()
+    if 2 in closed or sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
+def output_failed(error: OSError) -> None:
+    """Stdout failed outside the commands' error boundary: one line, exit 9 (ExitCode.OUTPUT)."""
+    with contextlib.suppress(OSError):  # the unwritten rest goes to /dev/null, not to a 2nd error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.stderr.write(f"wizardchat: error: cannot write output: {error.strerror or error}\n")
+    raise SystemExit(9)
+
+
 def main() -> None:
     """The `wizardchat` command."""
+    guard_standard_streams()
     if sys.argv[1:] in (["--help"], ["-h"]):
-        sys.stdout.write(TOP_LEVEL_HELP)
+        try:
+            sys.stdout.write(TOP_LEVEL_HELP)
+            sys.stdout.flush()
+        except OSError as e:
+            output_failed(e)
         return
     from wizardchat.cli import main as cli_main
 

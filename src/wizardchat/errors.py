@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     CONTEXT = 6  # a message does not fit in the context window
     SESSION = 7  # a saved session is missing, unreadable or corrupt
     DOWNLOAD = 8  # the hub or the network failed, a file did not verify, or the disk is too full
+    OUTPUT = 9  # stdout is closed or cannot be written (disk full, I/O error)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -66,3 +67,9 @@ class HubError(WizardchatError):
     """A download from the hub failed: network, authorization, verification or disk space."""
 
     exit_code = ExitCode.DOWNLOAD
+
+
+class OutputError(WizardchatError):
+    """The reply cannot be written: stdout is closed, or writing it failed."""
+
+    exit_code = ExitCode.OUTPUT

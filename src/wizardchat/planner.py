@@ -712,9 +712,10 @@ class _Setup:
     def scratch(self, n_ctx: int) -> int:
         """Attention working memory of one layer at `n_ctx` (see the module docstring)."""
         s = self.shape
+        n_ubatch = min(self.n_ubatch, n_ctx)  # llama.cpp cuts the batch to the context
         if self.flash_attn:
-            return n_ctx * self.n_ubatch * 2 + n_ctx * s.n_head_kv * s.head_dim * 4
-        return n_ctx * self.n_ubatch * s.n_head * 4
+            return n_ctx * n_ubatch * 2 + n_ctx * s.n_head_kv * s.head_dim * 4
+        return n_ctx * n_ubatch * s.n_head * 4
 
     def layout(self, ngl: int, n_cpu_moe: int, n_ctx: int) -> tuple[MemoryUse, ...]:
         """Every memory's share for these flags: the GPUs in order, then RAM."""
@@ -1020,6 +1021,14 @@ def _needs(setup: _Setup, n_ctx: int) -> tuple[int, int, int]:
     return s.total_bytes, kv, reserve
 
 
+def _working(setup: _Setup, n_ctx: int, reserve: int) -> str:
+    """The working memory, naming -ub when its compute buffers are a large part of it."""
+    text = f"{_gb(reserve)} working memory"
+    if setup.gpus and setup.scratch(n_ctx) * 2 > reserve:
+        text += f", mostly compute buffers for -ub {min(setup.n_ubatch, n_ctx)}"
+    return text
+
+
 def _machine(setup: _Setup) -> str:
     if not setup.gpus:
         return f"this machine has {_gb(setup.ram.limit)} RAM and no GPU"
@@ -1042,7 +1051,7 @@ def _check_total(setup: _Setup, n_ctx: int, fixed_ctx: bool) -> None:
     name = setup.shape.name or "the model"
     raise PlanError(
         f"{name} needs {_gb(weights + kv + reserve)} at ctx {n_ctx} ({_gb(weights)} weights + "
-        f"{_gb(kv)} KV cache + {_gb(reserve)} working memory); {_machine(setup)}: "
+        f"{_gb(kv)} KV cache + {_working(setup, n_ctx, reserve)}); {_machine(setup)}: "
         f"try {', '.join(hints[:-1])} or {hints[-1]}"
     )
 
@@ -1052,6 +1061,6 @@ def _no_split_error(setup: _Setup, n_ctx: int) -> PlanError:
     name = setup.shape.name or "the model"
     return PlanError(
         f"{name} needs {_gb(weights + kv + reserve)} at ctx {n_ctx} ({_gb(weights)} weights + "
-        f"{_gb(kv)} KV cache + {_gb(reserve)} working memory) and does not split to fit: "
+        f"{_gb(kv)} KV cache + {_working(setup, n_ctx, reserve)}) and does not split to fit: "
         f"{_machine(setup)}, and each device must hold its own share"
     )

@@ -42,6 +42,8 @@ class Recording:
         self.name = name
         self.model = model
         self.created = created or time.time()
+        # Held until exit: no other wizardchat may write this session meanwhile (exit 7 there).
+        self.claim = store.claim(name)
 
     def save(self, conversation: Conversation) -> Path | None:
         """Write the transcript (atomically); nothing while the conversation has no turn."""

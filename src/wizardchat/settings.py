@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wizardchat.errors import UsageError
+from wizardchat.inputs import repair_text
 
 DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -32,6 +34,47 @@ KV_CACHE_TYPES = {
 }
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 ENV_PREFIX = "WIZARDCHAT_"
+# Contexts, batches: llama.cpp keeps them in uint32 and allocates per token; past this is a typo.
+MAX_CTX = 1 << 24
+# ggml.h GGML_MAX_N_THREADS: llama.cpp crashes with more threads than this.
+MAX_THREADS = 512
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is LLAMA_DEFAULT_SEED, llama.cpp's "random"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take, and the words that say so."""
+
+    low: float
+    high: float
+    rule: str
+    low_open: bool = False  # `low` itself is not allowed
+    holes: tuple[int, ...] = ()  # values between low and high that are not allowed
+
+    def allows(self, value: float) -> bool:
+        """Whether `value` is a finite number in range."""
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high and value not in self.holes
+
+
+# One table for flags, WIZARDCHAT_* variables, config.toml and the REPL's /set.
+RANGES: dict[str, Bounds] = {
+    "ctx_size": Bounds(0, MAX_CTX, f"0 (the model's) to {MAX_CTX}"),
+    "n_gpu_layers": Bounds(-1, 10_000, "-1 (all) to 10000"),
+    "threads": Bounds(0, MAX_THREADS, f"0 (physical cores) to {MAX_THREADS}"),
+    "batch_size": Bounds(1, MAX_CTX, f"1 to {MAX_CTX}"),
+    "ubatch_size": Bounds(1, MAX_CTX, f"1 to {MAX_CTX}"),
+    "n_cpu_moe": Bounds(0, 1000, "0 to 1000"),
+    "temperature": Bounds(0, 100, "0 to 100"),
+    "top_p": Bounds(0, 1, "above 0, at most 1", low_open=True),
+    "top_k": Bounds(0, 1_000_000, "0 to 1000000"),
+    "min_p": Bounds(0, 1, "0 to 1"),
+    "repeat_penalty": Bounds(0, 100, "above 0, at most 100", low_open=True),
+    "seed": Bounds(-1, MAX_SEED, f"-1 to {MAX_SEED}"),
+    "max_tokens": Bounds(-1, 2**31 - 1, f"-1 or 1 to {2**31 - 1}", holes=(0,)),
+}
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -95,44 +138,74 @@ def field_help(name: str) -> str:
     return str(Settings.__dataclass_fields__[name].metadata["help"])
 
 
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: repr, cut short (a 5000-digit number is a typo)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a config/env/flag value into the field's type, or fail with one clear line."""
-    kind = _TYPES[name]
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == tuple[str, ...]:
-            if isinstance(value, str):
-                return tuple(v.strip() for v in value.split(",") if v.strip())
-            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-                return tuple(value)
-            raise ValueError
-        # str and str | None
-        if value is None:
-            return None
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ValueError
-        return str(value)
-    except ValueError:
-        raise UsageError(f"{source}: invalid value {value!r} for '{name}'") from None
+        return _coerce_value(name, _TYPES[name], value)
+    except (ValueError, TypeError, OverflowError):
+        raise UsageError(f"{source}: invalid value {_shown(value)} for '{name}'") from None
+
+
+def _text(name: str, value: str) -> str:
+    if "\0" in value:
+        raise ValueError("NUL character")
+    # The model path keeps its bytes (a file name need not be UTF-8); the rest is text for the
+    # model or for llama.cpp, and gets U+FFFD for invalid UTF-8 as piped stdin does.
+    return value if name == "model" else repair_text(value)
+
+
+def _coerce_value(name: str, kind: Any, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError
+    if isinstance(value, bool) and kind in (int, float):
+        raise ValueError
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError  # int(2.5) would quietly be 2
+        if not isinstance(value, int | float | str):
+            raise TypeError
+        return int(value)
+    if kind is float:
+        if not isinstance(value, int | float | str):
+            raise TypeError
+        return float(value)
+    if kind == tuple[str, ...]:
+        if isinstance(value, str):
+            return tuple(_text(name, v.strip()) for v in value.split(",") if v.strip())
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(_text(name, v) for v in value)
+        raise ValueError
+    # str and str | None
+    if value is None:
+        return None
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError
+    return _text(name, str(value))
+
+
+def check_range(name: str, value: float) -> None:
+    """UsageError unless `value` is allowed for the numeric setting `name` (see RANGES)."""
+    bounds = RANGES[name]
+    if not bounds.allows(value):
+        raise UsageError(f"{name} must be {bounds.rule}, not {_shown(value)}")
 
 
 def _validate(s: Settings) -> None:
+    if s.model is not None and not s.model.strip():
+        raise UsageError("the model is empty: give --model a path or a reference")
     if s.flash_attn not in FLASH_ATTN_CHOICES:
         raise UsageError(
             f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, not {s.flash_attn!r}"
@@ -142,18 +215,10 @@ def _validate(s: Settings) -> None:
             raise UsageError(
                 f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, not {getattr(s, name)!r}"
             )
-    for name in ("ctx_size", "threads", "n_cpu_moe"):
-        if getattr(s, name) < 0:
-            raise UsageError(f"{name} must be 0 or more, not {getattr(s, name)}")
-    for name in ("batch_size", "ubatch_size"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"{name} must be 1 or more, not {getattr(s, name)}")
-    if s.max_tokens == 0 or s.max_tokens < -1:
-        raise UsageError(f"max_tokens must be -1 or a positive number, not {s.max_tokens}")
+    for name in RANGES:
+        check_range(name, getattr(s, name))
     if s.plan not in ("auto", "off"):
         raise UsageError(f"plan must be auto or off, not {s.plan!r}")
-    if s.temperature < 0:
-        raise UsageError(f"temperature must be 0 or more, not {s.temperature}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -162,15 +227,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
+    from wizardchat.inputs import regular_file_problem
+
     try:
+        problem = regular_file_problem(path) if path.exists() else None
+        if problem:
+            raise UsageError(f"config file {path} {problem}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path}: values nested too deeply") from None
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
         raise UsageError(f"config file {path}: {e}") from None
     # Accept dashes too (ctx-size), since that is how the flags are spelled.
     return {key.replace("-", "_"): value for key, value in data.items()}

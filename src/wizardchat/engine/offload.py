@@ -66,7 +66,7 @@ def plan_offload(settings: Settings, info: GGUFInfo, n_ctx: int, n_layer: int) -
         type_k=settings.cache_type_k,
         type_v=settings.cache_type_v,
         flash_attn=settings.flash_attn,
-        n_ubatch=settings.ubatch_size,
+        n_ubatch=min(settings.ubatch_size, settings.batch_size),  # llama.cpp's effective -ub
         n_gpu_layers=None if settings.n_gpu_layers == -1 else settings.n_gpu_layers,
         n_cpu_moe=n_cpu_moe,
         fixed_ctx=settings.ctx_size > 0,

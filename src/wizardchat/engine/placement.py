@@ -18,8 +18,12 @@ from wizardchat.errors import UsageError
 # llama.cpp common/common.h LLM_FFN_EXPS_REGEX: the merged expert tensors of any layer.
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 CPU_BUFFER = "CPU"
-# ECMAScript std::regex rejects these Python-only constructs; catch them here, not in C++.
-_PYTHON_ONLY_SYNTAX = re.compile(r"\(\?(P|<[=!]?|#|[aiLmsux])")
+# ECMAScript std::regex rejects these Python-only constructs (named, atomic and comment groups,
+# lookbehind, inline flags, possessive quantifiers); catch them here, not as a C++ abort.
+_PYTHON_ONLY_SYNTAX = re.compile(r"\(\?(P|<[=!]?|#|>|[aiLmsux])|(?<!\\)[*+?}]\+")
+# std::regex unrolls counted repeats into states: a{100000} takes memory and time by the GB.
+_REPEAT_COUNTS = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+MAX_REPEAT = 1000
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,27 @@ def parse_override(text: str) -> Override:
     """Parse one `-ot REGEX=BUFFER` value; a bad regex is a UsageError."""
     pattern, sep, buffer = text.rpartition("=")
     if not sep or not pattern or not buffer:
-        raise UsageError(f"--override-tensor {text!r}: expected REGEX=BUFFER, e.g. exps=CPU")
+        problem = _regex_problem(text) if text and not sep else None
+        what = f"invalid regex ({problem}) and " if problem else ""
+        raise UsageError(f"--override-tensor {text!r}: {what}expected REGEX=BUFFER, e.g. exps=CPU")
+    problem = _regex_problem(pattern)
+    if problem:
+        raise UsageError(f"--override-tensor {text!r}: invalid regex ({problem})")
+    return Override(pattern, buffer)
+
+
+def _regex_problem(pattern: str) -> str | None:
+    """Why llama.cpp's std::regex cannot take `pattern`, or None."""
     if _PYTHON_ONLY_SYNTAX.search(pattern):
-        raise UsageError(f"--override-tensor {text!r}: llama.cpp regexes have no (?...) groups")
+        return "llama.cpp regexes have no (?...) groups or possessive quantifiers"
+    for m in _REPEAT_COUNTS.finditer(pattern):
+        if any(n and (len(n) > 6 or int(n) > MAX_REPEAT) for n in m.groups()):
+            return f"repeat counts go up to {MAX_REPEAT}"
     try:
         re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"--override-tensor {text!r}: invalid regex ({e})") from None
-    return Override(pattern, buffer)
+    except (re.error, OverflowError, RecursionError) as e:
+        return str(e)
+    return None
 
 
 def plan_overrides(override_tensor: Sequence[str], cpu_moe: bool, n_cpu_moe: int) -> list[Override]:
