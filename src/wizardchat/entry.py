@@ -37,6 +37,14 @@ def main() -> None:
     if sys.argv[1:] in (["--help"], ["-h"]):
         sys.stdout.write(TOP_LEVEL_HELP)
         return
-    from wizardchat.cli import main as cli_main
+    try:
+        from wizardchat.cli import main as cli_main
 
-    cli_main()
+        cli_main()
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # Ctrl-C before cli's error boundary exists (while importing); Python wraps one that
+        # lands in a class body's __set_name__ in a RuntimeError.
+        if not isinstance(e, KeyboardInterrupt) and not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+        sys.stderr.write("\nwizardchat: interrupted\n")
+        sys.exit(130)  # errors.ExitCode.INTERRUPTED, not imported here: --help stays light
