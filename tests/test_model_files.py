@@ -188,3 +188,18 @@ def test_the_engine_turns_ggml_backtraces_off_unless_the_user_chose() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30
     )
     assert run.stdout == "mine\n"
+
+
+def test_names_from_the_file_reach_the_terminal_escaped(models: Models, tmp_path: Path) -> None:
+    def rename_architecture(reader: Any) -> None:
+        import numpy as np
+
+        field = reader.fields["general.architecture"]
+        part = field.parts[field.data[0]]
+        part[:] = np.frombuffer(b"\x1b[2J\x07", dtype=np.uint8)  # clear screen, bell
+
+    bad = patched(models.scripted, tmp_path / "escape.gguf", rename_architecture)
+    r = run_cli("ask", "Hi", "-m", str(bad), timeout=60)
+    assert r.code == ExitCode.BAD_MODEL
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "architecture '\\x1b[2J\\x07'" in r.stderr

@@ -126,16 +126,16 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             return self.array(key)
-        raise self.corrupt(f"{key} has value type {vtype}")
+        raise self.corrupt(f"{_name(key)} has value type {vtype}")
 
     def array(self, key: str) -> Any:
         item_type = self.scalar("<I")
         count = self.scalar("<Q")
         if item_type not in _SCALARS and item_type != _STRING:
-            raise self.corrupt(f"array {key} has item type {item_type}")
+            raise self.corrupt(f"array {_name(key)} has item type {item_type}")
         item_size = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8
         if count * item_size > self.file_size:  # more than the whole file could hold
-            raise self.corrupt(f"array {key} claims {count:,} items")
+            raise self.corrupt(f"array {_name(key)} claims {count:,} items")
         if count * item_size > self.remaining():
             raise self.truncated()
         self.array_types[key] = item_type
@@ -179,26 +179,27 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
 
 def _read_tensor(r: _Reader) -> TensorInfo:
     name = r.string()
+    label = _name(name)
     n_dims = r.scalar("<I")
     if not 1 <= n_dims <= _MAX_DIMS:
-        raise r.corrupt(f"tensor {name} has {n_dims} dimensions")
+        raise r.corrupt(f"tensor {label} has {n_dims} dimensions")
     shape = tuple(r.scalar("<Q") for _ in range(n_dims))
     ggml_type = r.scalar("<I")
     offset = r.scalar("<Q")
     if ggml_type not in _TYPE_SIZES:
-        raise r.corrupt(f"tensor {name} has unknown type {ggml_type}")
+        raise r.corrupt(f"tensor {label} has unknown type {ggml_type}")
     elements = 1
     for d in shape:
         elements *= d
     if elements > _MAX_ELEMENTS or (elements and max(shape) > 1 << 40):
-        raise r.corrupt(f"tensor {name} has shape {list(shape)}")
+        raise r.corrupt(f"tensor {label} has shape {list(shape)}")
     block = _TYPE_SIZES[ggml_type][0]
     if shape[0] % block:
         raise r.corrupt(
-            f"tensor {name} has {shape[0]} columns, not a multiple of its type's block of {block}"
+            f"tensor {label} has {shape[0]} columns, not a multiple of its type's block of {block}"
         )
     if offset > r.file_size:
-        raise r.corrupt(f"tensor {name} starts at byte {offset:,}, past the end of the file")
+        raise r.corrupt(f"tensor {label} starts at byte {offset:,}, past the end of the file")
     return TensorInfo(name, shape, ggml_type, offset, _nbytes(shape, ggml_type))
 
 
@@ -249,14 +250,14 @@ def read_header(path: Path) -> GGUFInfo:
         for _ in range(n_kv):
             key = r.string()
             if key in metadata:
-                raise r.corrupt(f"key {key} appears twice")
+                raise r.corrupt(f"key {_name(key)} appears twice")
             metadata[key] = r.value(r.scalar("<I"), key)
         tensors = []
         names: set[str] = set()
         for _ in range(n_tensors):
             tensor = _read_tensor(r)
             if tensor.name in names:
-                raise r.corrupt(f"tensor {tensor.name} appears twice")
+                raise r.corrupt(f"tensor {_name(tensor.name)} appears twice")
             names.add(tensor.name)
             tensors.append(tensor)
         alignment = _alignment(path, metadata)
@@ -389,6 +390,13 @@ def _length(value: Any) -> str:
         return "no"
 
 
+def _name(text: str) -> str:
+    """A key or tensor name from the file, safe to print: as it is, or quoted, escaped and cut."""
+    if text.isascii() and text.isprintable() and 0 < len(text) <= 64:
+        return text
+    return _show(text)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -433,7 +441,7 @@ def inspect_model(path: Path) -> GGUFInfo:
     arch = info.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise BadModelError(
-            f"{path.name} has architecture '{arch or '?'}'; wizardchat runs WizardLM-2 "
+            f"{path.name} has architecture {_show(arch or '?')}; wizardchat runs WizardLM-2 "
             f"(architecture {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     missing = [p.name for p in shards if not p.exists()]

@@ -341,6 +341,7 @@ def load(
 ) -> tuple[CountingLlama, LoadPlan, GGUFInfo, OverrideArray]:
     """Check and load the model; return the Llama, its plan, its header and the live overrides."""
     check_binding_layout()
+    install_abort_handler()
     path = settings.model_path
     if path is None:  # cli checks first; this guards direct callers
         raise WizardchatError("no model given")
@@ -359,7 +360,6 @@ def load(
     chatter = log if log is not None else io.StringIO()
     _sink.last_error = ""
     _sink.interrupted = False
-    install_abort_handler()
     try:
         with _model_params_patch(override_array, hook), contextlib.redirect_stderr(chatter):
             llm = CountingLlama(
