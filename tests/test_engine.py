@@ -214,6 +214,32 @@ def test_a_full_disk_under_the_log_warns_once_and_the_chat_goes_on(
     assert "No space left on device" in _warned_once(r.stderr)
 
 
+def test_a_log_write_failing_in_the_middle_of_the_load_warns_once_on_the_terminal(
+    models, isolated_home: Path
+) -> None:
+    import os
+    import resource
+    import subprocess
+
+    from conftest import WIZARDCHAT
+
+    def small_files() -> None:  # writes past 4 KB fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run(
+        [WIZARDCHAT, "ask", "Hi", "-m", str(models.scripted)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+        preexec_fn=small_files,
+    )
+    assert (proc.returncode, proc.stdout) == (0, SCRIPT_REPLY + "\n"), proc.stderr[-2000:]
+    assert "File too large" in _warned_once(proc.stderr)
+    assert (isolated_home / "logs" / "llama.log").stat().st_size <= 4096
+
+
 def test_a_log_directory_that_cannot_be_made_warns_once_and_the_chat_goes_on(
     models, isolated_home: Path
 ) -> None:

@@ -144,7 +144,12 @@ def _llama_log(settings: Settings) -> Iterator[IO[str]]:
     from wizardchat import paths
     from wizardchat.engine.model import open_llama_log
 
-    warn = lambda reason: _err(f"wizardchat: warning: {reason}")  # noqa: E731
+    stderr = sys.stderr  # not the redirect the load puts in place, which is this log
+
+    def warn(reason: str) -> None:
+        stderr.write(f"wizardchat: warning: {reason}\n")
+        stderr.flush()
+
     with open_llama_log(paths.llama_log_file(), warn) as log:
         log.write(f"\n=== wizardchat {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
         yield log
