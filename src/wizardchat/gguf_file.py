@@ -295,7 +295,6 @@ _ARCH_INTS: tuple[tuple[str, int, int, bool], ...] = (
     ("rope.dimension_count", 1, 1 << 16, False),
     ("expert_count", 0, 1024, False),
     ("expert_used_count", 0, 1024, False),
-    ("vocab_size", 1, 1 << 24, False),
 )
 
 
@@ -376,11 +375,6 @@ def check_vocabulary(info: GGUFInfo) -> None:
         value = info.metadata.get(key)
         if value is not None and (not _is_int(value) or not 0 <= value < n_vocab):
             raise corrupt_header(info.path, f"{key} is {_show(value)} ({n_vocab} tokens)")
-    size = info.arch_value("vocab_size")
-    if size is not None and size != n_vocab:
-        raise corrupt_header(
-            info.path, f"{info.architecture}.vocab_size is {size} but there are {n_vocab} tokens"
-        )
 
 
 def _length(value: Any) -> str:
