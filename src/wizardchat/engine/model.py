@@ -20,7 +20,7 @@ from wizardchat import hardware
 from wizardchat.engine import ggml
 from wizardchat.engine.offload import Offload, plan_offload
 from wizardchat.engine.placement import Override, OverrideArray, expert_overrides
-from wizardchat.errors import LoadError, WizardchatError
+from wizardchat.errors import ExitCode, LoadError, WizardchatError
 from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
 from wizardchat.settings import KV_CACHE_TYPES, Settings
 
@@ -130,13 +130,12 @@ class LlamaLog(io.TextIOBase):
         pass  # every write is flushed (or dropped)
 
     def close(self) -> None:
-        if self._file is not None:
+        file, self._file = self._file, None
+        if file is not None:
             try:
-                self._file.close()
+                file.close()
             except OSError as e:
-                self._file = None
                 self._fail(e)
-            self._file = None
         super().close()
 
 
@@ -152,10 +151,8 @@ def _rotate(path: Path) -> None:
     except FileNotFoundError:
         return
     if size > LOG_ROTATE_BYTES and path.is_file():
-        path.replace(path.with_name(path.name + ".1"))
-
-
-_ABORT_EXIT = 5  # errors.ExitCode.LOAD_FAILED: llama.cpp could not go on with the model
+        with contextlib.suppress(OSError):  # then the log grows on: better than none
+            path.replace(path.with_name(path.name + ".1"))
 
 
 def _on_abort(message: bytes | None) -> None:
@@ -177,7 +174,7 @@ def _on_abort(message: bytes | None) -> None:
     line = f"wizardchat: error: llama.cpp stopped on an internal error: {text}{hint}\n"
     with contextlib.suppress(OSError):
         os.write(2, line.encode("utf-8", errors="replace"))
-    os._exit(_ABORT_EXIT)
+    os._exit(ExitCode.LOAD_FAILED)  # llama.cpp could not go on with the model
 
 
 _abort_callback = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(_on_abort)  # alive for good
