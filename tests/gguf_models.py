@@ -70,8 +70,14 @@ def write_model(
     split_max_tensors: int = 0,
     seed: int = 0,
     script: tuple[str, ...] = SCRIPT_PIECES,
+    chat_template: str | None = None,
+    vocab_only: bool = False,
 ) -> Path:
-    """Write a tiny MoE GGUF (F32) and return the path to load (the first shard when split)."""
+    """Write a tiny MoE GGUF (F32) and return the path to load (the first shard when split).
+
+    `chat_template` embeds a tokenizer.chat_template; `vocab_only` writes the header without
+    any tensor, as llama.cpp's vocab-only GGUFs are.
+    """
     import gguf
 
     tokens, scores, types = vocabulary()
@@ -134,7 +140,9 @@ def write_model(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
-    for name, data in tensors.items():
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for name, data in {} if vocab_only else tensors.items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -191,3 +191,153 @@ def test_cancel_aborts_a_prompt_evaluation_and_the_cache_stays_consistent(
     other = [engine.bos, *engine.tokenize("other " * 1500)]
     stream = engine.stream(other, 5, cancelled, abort_prompt=False)
     assert len(list(stream)) == 1 and engine.llm.n_tokens == len(other)
+
+
+# --- llama.cpp's log never stops the chat ------------------------------------------------------
+
+
+def _warned_once(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("wizardchat: warning: llama.cpp log unavailable: ")
+    assert lines[0].endswith("; continuing without it")
+    return lines[0]
+
+
+def test_a_full_disk_under_the_log_warns_once_and_the_chat_goes_on(
+    models, isolated_home: Path
+) -> None:
+    (isolated_home / "logs").mkdir(parents=True)
+    (isolated_home / "logs" / "llama.log").symlink_to("/dev/full")
+    r = run_cli("ask", "Hi", "-m", str(models.scripted))
+    assert (r.code, r.stdout) == (0, SCRIPT_REPLY + "\n"), r.stderr[-2000:]
+    assert "No space left on device" in _warned_once(r.stderr)
+
+
+def test_a_log_write_failing_in_the_middle_of_the_load_warns_once_on_the_terminal(
+    models, isolated_home: Path
+) -> None:
+    import os
+    import resource
+    import subprocess
+
+    from conftest import WIZARDCHAT
+
+    def small_files() -> None:  # writes past 4 KB fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run(
+        [WIZARDCHAT, "ask", "Hi", "-m", str(models.scripted)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+        preexec_fn=small_files,
+    )
+    assert (proc.returncode, proc.stdout) == (0, SCRIPT_REPLY + "\n"), proc.stderr[-2000:]
+    assert "File too large" in _warned_once(proc.stderr)
+    assert (isolated_home / "logs" / "llama.log").stat().st_size <= 4096
+
+
+def test_a_log_directory_that_cannot_be_made_warns_once_and_the_chat_goes_on(
+    models, isolated_home: Path
+) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "logs").write_text("a file where the log directory should be")
+    r = run_cli("ask", "Hi", "-m", str(models.scripted))
+    assert (r.code, r.stdout) == (0, SCRIPT_REPLY + "\n"), r.stderr[-2000:]
+    _warned_once(r.stderr)
+
+
+def test_without_a_log_a_load_error_points_at_verbose(models, isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "logs").write_text("not a directory")
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), "-ctk", "q8_0")
+    assert r.code == ExitCode.LOAD_FAILED
+    warning, error = r.stderr.splitlines()
+    _warned_once(warning)
+    assert error.startswith("wizardchat: error: llama.cpp could not load")
+    assert error.endswith("(details: --verbose shows llama.cpp's log)")
+
+
+def test_a_log_over_10_mb_is_rotated_keeping_one_old_log(models, isolated_home: Path) -> None:
+    from wizardchat.engine.model import LOG_ROTATE_BYTES
+
+    logs = isolated_home / "logs"
+    logs.mkdir(parents=True)
+    (logs / "llama.log.1").write_text("the oldest log\n")
+    with (logs / "llama.log").open("w") as f:
+        f.write("the old log\n")
+        f.truncate(LOG_ROTATE_BYTES + 1)
+    r = run_cli("ask", "Hi", "-m", str(models.scripted))
+    assert (r.code, r.stderr) == (0, "")
+    old = logs / "llama.log.1"
+    assert old.stat().st_size == LOG_ROTATE_BYTES + 1
+    assert old.read_text()[:12] == "the old log\n"
+    new = (logs / "llama.log").read_text()
+    assert new.startswith("\n=== wizardchat ") and "llama_model_loader" in new
+    assert sorted(p.name for p in logs.iterdir()) == ["llama.log", "llama.log.1"]
+
+
+# --- Ctrl-C while llama.cpp logs --------------------------------------------------------------
+
+
+class _CtrlCAt(io.StringIO):
+    """A log that raises KeyboardInterrupt (as Python's SIGINT handler would) at a given line."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.fired = False
+
+    def write(self, text: str) -> int:
+        if not self.fired and self.marker in text:
+            self.fired = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "llama_model_loader: - kv",  # while the header is read: the progress hook stops it
+        "llama_context: constructing",  # after the last progress call: the context phase
+    ],
+)
+def test_ctrl_c_landing_in_the_log_callback_stops_the_load(
+    marker: str, models, engine_factory
+) -> None:
+    log = _CtrlCAt(marker)
+    with pytest.raises(KeyboardInterrupt):
+        engine_factory(models.scripted, log=log)
+    assert log.fired
+    engine = engine_factory(models.scripted)  # the next load is not interrupted
+    assert engine.n_ctx == 1024
+
+
+def test_ctrl_c_at_any_moment_of_ask_ends_with_130_and_no_traceback(models) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import WIZARDCHAT
+
+    codes = []
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 2.0):
+        proc = subprocess.Popen(
+            [WIZARDCHAT, "ask", "-m", str(models.slow), "-n", "2000", "-c", "4096", "Hi"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        codes.append(proc.returncode)
+        assert proc.returncode in (0, ExitCode.INTERRUPTED), (delay, stderr[-2000:])
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
+    assert ExitCode.INTERRUPTED in codes

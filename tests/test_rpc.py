@@ -420,3 +420,64 @@ def test_a_build_without_rpc_says_how_to_rebuild() -> None:
     with pytest.raises(UsageError) as caught:
         rpc._Api("NO_SUCH_BACKEND")
     assert str(caught.value).endswith(rpc.REBUILD_HINT)
+
+
+# --- a worker that passes the handshake, then misbehaves -----------------------------------------
+
+_HELLO_ANSWER = struct.pack("<Q", 28) + bytes([7, 0, 0, 0]) + bytes(24)
+
+
+@contextlib.contextmanager
+def misbehaving_worker(after_hello: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A loopback server that answers every connection's HELLO like a 7.0.0 worker, then does
+    `after_hello` at the next command; yields its endpoint."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                _read_hello(conn)
+                conn.sendall(_HELLO_ANSWER)
+                conn.settimeout(5)
+                if conn.recv(1):  # the next command (a bare handshake check closes instead)
+                    after_hello(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _close(conn: socket.socket) -> None:
+    pass  # leaving the `with` closes it
+
+
+def _garbage(conn: socket.socket) -> None:
+    conn.sendall(struct.pack("<Q", 2**40) + b"\xff" * 64)
+
+
+@requires_rpc
+@pytest.mark.parametrize("after_hello", [_close, _garbage], ids=["closes", "garbage"])
+def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
+    models: Models, after_hello: Callable[[socket.socket], None]
+) -> None:
+    with misbehaving_worker(after_hello) as endpoint:
+        r = run_cli("ask", "Hi", "-m", str(models.random), "--rpc", endpoint, timeout=60)
+    assert r.code == 5, (r.code, r.stderr[-3000:])
+    assert r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("wizardchat: error: llama.cpp stopped on an internal error: ")
+    assert "ggml-rpc.cpp:" in line and "/ggml-rpc.cpp" not in line  # no build path

@@ -159,21 +159,25 @@ def _check_model_file(path: Path) -> None:
 
 @contextmanager
 def _llama_log(settings: Settings) -> Iterator[IO[str]]:
-    """llama.cpp's log: stderr with --verbose, else a file in the log directory."""
+    """llama.cpp's log: stderr with --verbose, else a file in the log directory.
+
+    A log that cannot be written (read-only home, full disk) costs one warning, never the chat.
+    """
     if settings.verbose:
         yield sys.stderr
         return
     from wizardchat import paths
+    from wizardchat.engine.model import open_llama_log
 
-    path = paths.llama_log_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = path.open("a", encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot write the llama.cpp log {path}: {e.strerror}") from None
-    with f:
-        f.write(f"\n=== wizardchat {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
-        yield f
+    stderr = sys.stderr  # not the redirect the load puts in place, which is this log
+
+    def warn(reason: str) -> None:
+        stderr.write(f"wizardchat: warning: {reason}\n")
+        stderr.flush()
+
+    with open_llama_log(paths.llama_log_file(), warn) as log:
+        log.write(f"\n=== wizardchat {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
+        yield log
 
 
 @contextmanager

@@ -100,6 +100,14 @@ def main() -> None:
         except OSError as e:
             output_failed(e)
         return
-    from wizardchat.cli import main as cli_main
+    try:
+        from wizardchat.cli import main as cli_main
 
-    cli_main()
+        cli_main()
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # Ctrl-C before cli's error boundary exists (while importing); Python wraps one that
+        # lands in a class body's __set_name__ in a RuntimeError.
+        if not isinstance(e, KeyboardInterrupt) and not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+        sys.stderr.write("\nwizardchat: interrupted\n")
+        sys.exit(130)  # errors.ExitCode.INTERRUPTED, not imported here: --help stays light

@@ -20,20 +20,31 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 SUPPORTED_ARCHITECTURES = ("llama",)
 SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
-# ggml_type -> (block size in elements, bytes per block); from gguf-py GGML_QUANT_SIZES.
+# ggml_type -> (block size in elements, bytes per block); from gguf-py GGML_QUANT_SIZES and the
+# vendored ggml's type traits (ggml.c). Ids 4, 5, 31-33 and 36-38 were removed from ggml: a file
+# with one of them, or any id not here, is corrupt.
 _TYPE_SIZES: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
     9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
     15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
     21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
     27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-    39: (32, 17),
+    39: (32, 17), 40: (64, 36), 41: (128, 18), 42: (64, 18),
 }  # fmt: skip
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}  # fmt: skip
 _STRING, _ARRAY = 8, 9
 # Arrays longer than this (the vocabulary) are skipped, not kept: only their length is stored.
 _KEEP_ARRAY_MAX = 64
+# Arrays kept whole whatever their length, because their contents are checked (check_vocabulary).
+_TOKENS, _SCORES, _TOKEN_TYPES = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+)
+_MAX_STRING = 1 << 24  # a header string longer than 16 MiB is a corrupt length
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ELEMENTS = 1 << 44  # far beyond any real tensor; a larger shape is a corrupt dimension
 
 
 @dataclass
@@ -57,6 +68,7 @@ class GGUFInfo:
     tensors: list[TensorInfo] = field(default_factory=list)
     data_offset: int = 0
     file_size: int = 0
+    array_types: dict[str, int] = field(default_factory=dict)  # key -> GGUF item type
 
     @property
     def architecture(self) -> str:
@@ -77,49 +89,77 @@ class GGUFInfo:
 
 
 class _Reader:
-    def __init__(self, f: IO[bytes], path: Path) -> None:
+    def __init__(self, f: IO[bytes], path: Path, file_size: int) -> None:
         self.f = f
         self.path = path
+        self.file_size = file_size
+        self.array_types: dict[str, int] = {}  # metadata key -> item type of its array
+
+    def corrupt(self, what: str) -> BadModelError:
+        return corrupt_header(self.path, what)
+
+    def truncated(self) -> BadModelError:
+        return BadModelError(f"{self.path} is truncated (the header ends early): download it again")
 
     def read(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
-            raise BadModelError(
-                f"{self.path} is truncated (the header ends early): download it again"
-            )
+            raise self.truncated()
         return data
+
+    def remaining(self) -> int:
+        return self.file_size - self.f.tell()
 
     def scalar(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         n = self.scalar("<Q")
-        if n > 1 << 24:
-            raise BadModelError(f"{self.path} has a corrupt header (a {n}-byte string)")
+        if n > _MAX_STRING:
+            raise self.corrupt(f"a {n:,}-byte string at byte {self.f.tell() - 8:,}")
         return self.read(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            item_type = self.scalar("<I")
-            count = self.scalar("<Q")
-            if count <= _KEEP_ARRAY_MAX:
-                return [self.value(item_type) for _ in range(count)]
-            if item_type in _SCALARS:  # skip fixed-size items in one seek
-                self.f.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
-            else:
-                for _ in range(count):
-                    self.value(item_type)
-            return _SkippedArray(count)
-        raise BadModelError(f"{self.path} has a corrupt header (value type {vtype})")
+            return self.array(key)
+        raise self.corrupt(f"{_name(key)} has value type {vtype}")
+
+    def array(self, key: str) -> Any:
+        item_type = self.scalar("<I")
+        count = self.scalar("<Q")
+        if item_type not in _SCALARS and item_type != _STRING:
+            raise self.corrupt(f"array {_name(key)} has item type {item_type}")
+        item_size = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8
+        if count * item_size > self.file_size:  # more than the whole file could hold
+            raise self.corrupt(f"array {_name(key)} claims {count:,} items")
+        if count * item_size > self.remaining():
+            raise self.truncated()
+        self.array_types[key] = item_type
+        if count <= _KEEP_ARRAY_MAX or key in (_TOKENS, _TOKEN_TYPES):
+            if item_type in _SCALARS:
+                fmt = _SCALARS[item_type]
+                return list(struct.unpack(f"<{count}{fmt[1]}", self.read(count * item_size)))
+            return [self.string() for _ in range(count)]
+        if item_type in _SCALARS:  # skip fixed-size items in one seek
+            self.f.seek(count * item_size, 1)
+        else:
+            for _ in range(count):
+                self.string()
+        return _SkippedArray(count)
+
+
+def corrupt_header(path: Path, what: str) -> BadModelError:
+    """The error for a header whose values cannot be right (exit 4)."""
+    return BadModelError(f"{path}: corrupt header: {what}; download it again")
 
 
 @dataclass(frozen=True)
 class _SkippedArray:
-    """A long metadata array (e.g. the vocabulary) of which only the length is kept."""
+    """A long metadata array (e.g. the scores) of which only the length is kept."""
 
     length: int
 
@@ -137,8 +177,46 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
     return n // block * size
 
 
+def _read_tensor(r: _Reader) -> TensorInfo:
+    name = r.string()
+    label = _name(name)
+    n_dims = r.scalar("<I")
+    if not 1 <= n_dims <= _MAX_DIMS:
+        raise r.corrupt(f"tensor {label} has {n_dims} dimensions")
+    shape = tuple(r.scalar("<Q") for _ in range(n_dims))
+    ggml_type = r.scalar("<I")
+    offset = r.scalar("<Q")
+    if ggml_type not in _TYPE_SIZES:
+        raise r.corrupt(f"tensor {label} has unknown type {ggml_type}")
+    elements = 1
+    for d in shape:
+        elements *= d
+    if elements > _MAX_ELEMENTS or (elements and max(shape) > 1 << 40):
+        raise r.corrupt(f"tensor {label} has shape {list(shape)}")
+    block = _TYPE_SIZES[ggml_type][0]
+    if shape[0] % block:
+        raise r.corrupt(
+            f"tensor {label} has {shape[0]} columns, not a multiple of its type's block of {block}"
+        )
+    if offset > r.file_size:
+        raise r.corrupt(f"tensor {label} starts at byte {offset:,}, past the end of the file")
+    return TensorInfo(name, shape, ggml_type, offset, _nbytes(shape, ggml_type))
+
+
+def _alignment(path: Path, metadata: dict[str, Any]) -> int:
+    alignment = metadata.get("general.alignment", 32)
+    if not _is_int(alignment) or not 1 <= alignment <= 1 << 20 or alignment & (alignment - 1):
+        raise corrupt_header(path, f"general.alignment is {alignment!r}")
+    return int(alignment)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: Path) -> GGUFInfo:
-    """Read the GGUF header of one file; a file that is not a GGUF raises BadModelError."""
+    """Read the GGUF header of one file; a file that is not a GGUF, or whose header cannot be
+    right (a length past the end, an unknown tensor type...), raises BadModelError."""
     try:
         f = path.open("rb")
     except FileNotFoundError:
@@ -158,35 +236,164 @@ def read_header(path: Path) -> GGUFInfo:
             if not head:
                 raise BadModelError(f"{path} is empty: download it again")
             raise BadModelError(f"{path} is not a GGUF file (wrong magic bytes {head[:4]!r})")
+        file_size = f.seek(0, 2)
         f.seek(4)
-        r = _Reader(f, path)
+        r = _Reader(f, path, file_size)
         version = r.scalar("<I")
         if version not in (2, 3):
             raise BadModelError(f"{path} is GGUF version {version}; only versions 2 and 3 load")
         n_tensors = r.scalar("<Q")
         n_kv = r.scalar("<Q")
         if n_tensors > 1 << 20 or n_kv > 1 << 20:
-            raise BadModelError(f"{path} has a corrupt header")
+            raise r.corrupt(f"{n_tensors:,} tensors and {n_kv:,} metadata keys")
         metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
-            metadata[key] = r.value(r.scalar("<I"))
+            if key in metadata:
+                raise r.corrupt(f"key {_name(key)} appears twice")
+            metadata[key] = r.value(r.scalar("<I"), key)
         tensors = []
+        names: set[str] = set()
         for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.scalar("<I")
-            if n_dims > 8:
-                raise BadModelError(f"{path} has a corrupt header (tensor {name})")
-            shape = tuple(r.scalar("<Q") for _ in range(n_dims))
-            ggml_type = r.scalar("<I")
-            offset = r.scalar("<Q")
-            tensors.append(TensorInfo(name, shape, ggml_type, offset, _nbytes(shape, ggml_type)))
-        alignment = int(metadata.get("general.alignment", 32)) or 32
+            tensor = _read_tensor(r)
+            if tensor.name in names:
+                raise r.corrupt(f"tensor {_name(tensor.name)} appears twice")
+            names.add(tensor.name)
+            tensors.append(tensor)
+        alignment = _alignment(path, metadata)
+        _check_general(path, metadata)
         pos = f.tell()
         data_offset = (pos + alignment - 1) // alignment * alignment
-        f.seek(0, 2)
-        file_size = f.tell()
-    return GGUFInfo(path, version, metadata, tensors, data_offset, file_size)
+    return GGUFInfo(path, version, metadata, tensors, data_offset, file_size, r.array_types)
+
+
+def _check_general(path: Path, metadata: dict[str, Any]) -> None:
+    """Keys every header may have, which wizardchat reads as numbers or text."""
+    for key, high in (("split.count", 9999), ("split.no", 9999), ("general.file_type", 1 << 16)):
+        value = metadata.get(key)
+        if value is not None and (not _is_int(value) or not 0 <= value <= high):
+            raise corrupt_header(path, f"{key} is {_show(value)}")
+    for key in ("general.architecture", "general.name"):
+        value = metadata.get(key)
+        if value is not None and not isinstance(value, str):
+            raise corrupt_header(path, f"{key} is {_show(value)}, not text")
+
+
+# Architecture-scoped integer keys: (name, lowest, highest, required by llama.cpp). The highest
+# values are llama.cpp's own limits (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS) or far beyond any real
+# model; llama.cpp aborts the process (GGML_ASSERT) on some of these instead of refusing the file,
+# and wizardchat sizes the default context from context_length.
+_ARCH_INTS: tuple[tuple[str, int, int, bool], ...] = (
+    ("block_count", 1, 512, True),
+    ("context_length", 1, 1 << 24, True),
+    ("embedding_length", 1, 1 << 20, True),
+    ("feed_forward_length", 1, 1 << 22, False),
+    ("attention.head_count", 1, 1 << 14, True),
+    ("attention.head_count_kv", 1, 1 << 14, False),
+    ("attention.key_length", 1, 1 << 16, False),
+    ("attention.value_length", 1, 1 << 16, False),
+    ("rope.dimension_count", 1, 1 << 16, False),
+    ("expert_count", 0, 1024, False),
+    ("expert_used_count", 0, 1024, False),
+)
+
+
+def check_hyperparameters(info: GGUFInfo) -> None:
+    """Refuse architecture values llama.cpp would abort on or wizardchat would misuse."""
+    arch = info.architecture
+    for key, low, high, required in _ARCH_INTS:
+        value = info.arch_value(key)
+        if value is None:
+            if required:
+                raise corrupt_header(info.path, f"{arch}.{key} is missing")
+            continue
+        if not _is_int(value) or not low <= value <= high:
+            raise corrupt_header(
+                info.path, f"{arch}.{key} is {_show(value)} (expected {low}-{high})"
+            )
+    n_embd = info.arch_value("embedding_length")
+    n_head = info.arch_value("attention.head_count")
+    n_head_kv = info.arch_value("attention.head_count_kv", n_head)
+    if info.arch_value("attention.key_length") is None and n_embd % n_head:
+        raise corrupt_header(
+            info.path, f"{arch}.embedding_length {n_embd} is not a multiple of head_count {n_head}"
+        )
+    if n_head % n_head_kv:
+        raise corrupt_header(
+            info.path,
+            f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
+        )
+    n_expert = info.arch_value("expert_count", 0)
+    n_used = info.arch_value("expert_used_count", 0)
+    if n_expert == 0 and any(t.name.endswith("_exps.weight") for t in info.tensors):
+        raise corrupt_header(
+            info.path, f"{arch}.expert_count is 0 but the model has expert tensors"
+        )
+    if n_expert == 0 and n_used:
+        raise corrupt_header(info.path, f"{arch}.expert_used_count is {n_used} with no experts")
+    if n_expert and not 1 <= n_used <= n_expert:
+        raise corrupt_header(
+            info.path, f"{arch}.expert_used_count is {n_used} (expected 1-{n_expert}, the experts)"
+        )
+
+
+_TOKEN_TYPE_MAX = 6  # LLAMA_TOKEN_TYPE_BYTE; 0 (undefined) to 6 are the types there are
+# The ids wizardchat itself uses; llama.cpp ignores other special ids outside the vocabulary.
+_TOKEN_ID_KEYS = ("bos", "eos")
+
+
+def check_vocabulary(info: GGUFInfo) -> None:
+    """Refuse a vocabulary llama.cpp would read out of bounds of or abort on."""
+    tokens = info.metadata.get(_TOKENS)
+    if tokens is None:
+        raise corrupt_header(info.path, f"{_TOKENS} (the vocabulary) is missing")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not tokens:
+        raise corrupt_header(info.path, f"{_TOKENS} is not a list of strings")
+    n_vocab = len(tokens)
+    for key in (_SCORES, _TOKEN_TYPES):  # llama.cpp indexes them by token id, unchecked
+        other = info.metadata.get(key)
+        if other is not None and (
+            not isinstance(other, list | _SkippedArray) or len(other) != n_vocab
+        ):
+            raise corrupt_header(
+                info.path, f"{key} has {_length(other)} entries for {n_vocab} tokens"
+            )
+    # llama.cpp casts the arrays' data to float* and int* without looking at their item type.
+    for key, item_types, what in ((_SCORES, (6,), "float32"), (_TOKEN_TYPES, (4, 5), "int32")):
+        item_type = info.array_types.get(key)
+        if item_type is not None and item_type not in item_types:
+            raise corrupt_header(info.path, f"{key} has items of type {item_type}, not {what}")
+    types = info.metadata.get(_TOKEN_TYPES)
+    if types is not None:
+        bad = [t for t in types if not _is_int(t) or not 0 <= t <= _TOKEN_TYPE_MAX]
+        if bad:
+            raise corrupt_header(info.path, f"{_TOKEN_TYPES} has type {_show(bad[0])}")
+    if len(set(tokens)) != n_vocab:
+        raise corrupt_header(info.path, f"{_TOKENS} lists a token twice")
+    for name in _TOKEN_ID_KEYS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = info.metadata.get(key)
+        if value is not None and (not _is_int(value) or not 0 <= value < n_vocab):
+            raise corrupt_header(info.path, f"{key} is {_show(value)} ({n_vocab} tokens)")
+
+
+def _length(value: Any) -> str:
+    try:
+        return f"{len(value):,}"
+    except TypeError:
+        return "no"
+
+
+def _name(text: str) -> str:
+    """A key or tensor name from the file, safe to print: as it is, or quoted, escaped and cut."""
+    if text.isascii() and text.isprintable() and 0 < len(text) <= 64:
+        return text
+    return _show(text)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def shard_paths(first: Path, info: GGUFInfo) -> list[Path]:
@@ -228,7 +435,7 @@ def inspect_model(path: Path) -> GGUFInfo:
     arch = info.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise BadModelError(
-            f"{path.name} has architecture '{arch or '?'}'; wizardchat runs WizardLM-2 "
+            f"{path.name} has architecture {_show(arch or '?')}; wizardchat runs WizardLM-2 "
             f"(architecture {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     missing = [p.name for p in shards if not p.exists()]
@@ -237,6 +444,12 @@ def inspect_model(path: Path) -> GGUFInfo:
             f"{len(missing)} of {len(shards)} shards missing next to {path.name}: "
             + ", ".join(missing)
         )
+    if not info.tensors:
+        raise BadModelError(
+            f"{path} has no weights (vocabulary only): it is not a model; pass the model's .gguf"
+        )
+    check_hyperparameters(info)
+    check_vocabulary(info)
     _check_complete(info)
     for shard in shards[1:]:
         _check_complete(read_header(shard))

@@ -19,7 +19,10 @@ Both are reached as llama.cpp's own tools do, through
 
 llama.cpp's RPC client aborts the whole process (GGML_ABORT) when a worker cannot be reached,
 is not an RPC server, or speaks another protocol version, and its connect has no timeout. So
-every endpoint is checked from Python first with the protocol's HELLO exchange.
+every endpoint is checked from Python first with the protocol's HELLO exchange. A worker that
+fails after that (closes, answers nonsense) still makes the client abort: engine.model's abort
+handler turns that into one line and exit 5. One that stops answering is waited for forever (the
+client has no receive timeout), and Ctrl-C cannot interrupt that wait.
 """
 
 from __future__ import annotations
@@ -258,6 +261,9 @@ def add_servers(endpoints: Sequence[str], timeout: float = 3.0) -> list[str]:
         if canonical not in wanted:
             wanted.append(canonical)
     api = _api()
+    from wizardchat.engine.model import install_abort_handler
+
+    install_abort_handler()  # a worker failing after the handshake makes llama.cpp abort
     with _added_lock:
         for endpoint in wanted:
             if endpoint not in _added:
