@@ -119,6 +119,19 @@ class ToolkitReader:
         finally:
             self._report_history_problem()
 
+    def stop(self, reason: BaseException) -> None:
+        """End the prompt being read by raising `reason` from `read` (a signal's way out).
+
+        Raised straight from a signal handler, an exception lands inside prompt-toolkit's event
+        loop, which catches it and waits for Enter; exiting the application restores the
+        terminal and raises it from `prompt()`.
+        """
+        app = self.session.app
+        if app.is_running and app.future is not None and not app.future.done():
+            app.exit(exception=reason)
+        else:
+            raise reason
+
     def _report_history_problem(self) -> None:
         """Say once, between prompts, that the history file is not used (never mid-prompt)."""
         problem = getattr(self._history, "problem", "")

@@ -268,7 +268,7 @@ class Repl:
         self._auto_named = False  # the name is a chat-... one wizardchat picked
         self._claim: SessionClaim | None = None  # this process's hold on the name
         self.created = time.time()
-        self.termination = Termination(session.cancel)
+        self.termination = Termination(session.cancel, idle=getattr(reader, "stop", None))
         self.terminated_by = 0  # exit status after a SIGTERM/SIGHUP ended the chat mid-reply
 
     # --- the conversation and its file ---------------------------------------------------

@@ -30,8 +30,12 @@ class Terminated(BaseException):
 class Termination:
     """Handles SIGTERM/SIGHUP for one chat; use as a context manager around it."""
 
-    def __init__(self, cancel: Callable[[], None]) -> None:
+    def __init__(
+        self, cancel: Callable[[], None], idle: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.cancel = cancel
+        # Ends whatever waits for input between replies; raising is the default way.
+        self.idle = idle
         self.received: int | None = None  # the signal that arrived, if any
         self._replying = False
         self._previous: dict[int, Any] = {}
@@ -45,6 +49,8 @@ class Termination:
         self.received = signum
         if self._replying:
             self.cancel()  # the reply ends after this token; the caller saves, then exits
+        elif self.idle is not None:
+            self.idle(Terminated(signum))
         else:
             raise Terminated(signum)
 
