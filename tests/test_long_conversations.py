@@ -75,6 +75,15 @@ def test_a_message_longer_than_the_padded_context_is_exit_6(models: Models) -> N
     assert r.stderr.count("\n") == 2  # the rounding note and the error line
 
 
+def test_a_reply_cut_by_a_full_context_says_so(models: Models) -> None:
+    # The random model never says EOS: its reply runs until the context is full.
+    r = run_cli("ask", "-m", str(models.slow), "-c", "256", "Hi")
+    assert r.code == 0, r.stderr
+    assert "the context is full" in r.stderr
+    r = run_cli("ask", "-m", str(models.slow), "-c", "256", "-n", "5", "Hi")
+    assert r.code == 0 and "context is full" not in r.stderr  # --max-tokens is no surprise
+
+
 def test_bench_at_an_unpadded_context(models: Models) -> None:
     r = run_cli("bench", "-m", str(models.scripted), "-c", "300", "--reps", "1", "--json")
     assert r.code == 0, r.stderr

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -18,75 +17,9 @@ import pexpect
 import pytest
 from conftest import WIZARDCHAT, Models, run_cli
 from gguf_models import SCRIPT_REPLY
+from test_repl import UP, Chat, chats, clean
 
-# prompt-toolkit draws the prompt's trailing space as a cursor move (see test_repl.py).
-TOOLKIT_PROMPT = r">>>(?=\x1b\[)"
-CURSOR_POSITION_REQUEST = r"\x1b\[6n"
-UP = "\x1b[A"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
-
-
-def clean(text: str) -> str:
-    """Terminal output without escape sequences and carriage returns."""
-    return ANSI.sub("", text)
-
-
-class Chat:
-    """A `wizardchat run` in a pty (80x30), with helpers that wait for what a user would see."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
-        environ = {**os.environ, "TERM": "xterm-256color"}
-        environ.pop("NO_COLOR", None)
-        environ.update(env or {})
-        self.child = pexpect.spawn(
-            WIZARDCHAT, ["run", *args], env=environ, encoding="utf-8", dimensions=(30, 80),
-            timeout=30,
-        )  # fmt: skip
-        self.expect("/help for commands")
-        self.intro = clean(self.wait_prompt())
-
-    def expect(self, pattern: str) -> str:
-        """Wait for a regex, answering cursor position requests; the output before it."""
-        seen = []
-        while self.child.expect([pattern, CURSOR_POSITION_REQUEST]) == 1:
-            seen.append(str(self.child.before))
-            self.child.send("\x1b[1;1R")
-        return "".join(seen) + str(self.child.before)
-
-    def wait_prompt(self) -> str:
-        return self.expect(TOOLKIT_PROMPT)
-
-    def send(self, line: str) -> str:
-        """Type a line and Enter; the cleaned output until the next prompt."""
-        self.child.send(line + "\r")
-        self.expect(re.escape(line[-10:]))
-        return clean(self.wait_prompt())
-
-    def exit(self) -> int:
-        self.child.sendcontrol("d")
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        return int(self.child.exitstatus if self.child.exitstatus is not None else -1)
-
-    def kill(self) -> None:
-        if self.child.isalive():
-            self.child.kill(signal.SIGKILL)
-        self.child.close(force=True)
-
-
-@pytest.fixture
-def chats() -> Iterator[type[Chat]]:
-    """Chat processes that are always stopped after the test."""
-    made: list[Chat] = []
-
-    class Tracked(Chat):
-        def __init__(self, *args: str, **kw: object) -> None:
-            super().__init__(*args, **kw)  # type: ignore[arg-type]
-            made.append(self)
-
-    yield Tracked
-    for chat in made:
-        chat.kill()
+__all__ = ["chats"]  # the pty chat fixture, shared with test_repl
 
 
 def run_in_pty(*args: str, timeout: float = 30) -> tuple[int, str]:

@@ -67,6 +67,9 @@ class Batch:
                     self.recording.save(self.session.conversation)
         if self.termination is not None and self.termination.received:
             self.result.terminated = self.termination.exit_code
+        last = self.session.last
+        if last is not None and last.context_full:
+            self.error(last.context_full_note())
 
 
 def _slash_command(batch: Batch, line: str) -> None:

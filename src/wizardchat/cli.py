@@ -415,6 +415,8 @@ def ask(
             reply = stream_plain(session.send(text), out)
             out.write("\n")
         out.flush()
+        if session.last is not None and session.last.context_full:
+            _err(session.last.context_full_note())  # never a silent cut
 
 
 @app.command()

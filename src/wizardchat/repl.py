@@ -477,6 +477,8 @@ class Repl:
                 )
             elif last.finish == "interrupted":
                 self.out.note("[interrupted]")
+            elif last.context_full:
+                self.out.note(last.context_full_note())
             if self.show_stats and not last.dropped:
                 self.out.note(stats_line(last))
         self.out.text("")

@@ -155,6 +155,16 @@ class TurnResult:
     # Interrupted before the first reply token (Ctrl-C during a long prompt): the message was
     # not added to the conversation, so the next message does not evaluate it again.
     dropped: bool = False
+    context_limited: bool = False  # the room left in the context, not --max-tokens, capped it
+    context_full: bool = False  # the reply was cut because the context filled up
+
+    def context_full_note(self) -> str:
+        """What the user is told when the context, not --max-tokens, cut the reply short."""
+        return (
+            f"[reply cut at {self.completion_tokens} tokens: the context is full; the next "
+            "message makes room by evicting the oldest turns, a larger --ctx-size gives more]"
+        )
+
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -224,13 +234,13 @@ class ChatSession:
         if self.show_prompt:
             self.show_prompt(conv.text(turn), len(prompt))
         self.cancel_event.clear()
+        budget = conv.max_reply_tokens(turn, self.max_tokens)
         stream = self.engine.stream(
-            prompt,
-            conv.max_reply_tokens(turn, self.max_tokens),
-            self.cancel_event,
-            abort_prompt=self.abort_prompt,
+            prompt, budget, self.cancel_event, abort_prompt=self.abort_prompt
         )
         result = TurnResult(prompt=text, evicted_turns=evicted)
+        # A "length" finish is the context's doing (not --max-tokens') when it set the budget.
+        result.context_limited = self.max_tokens <= 0 or budget < self.max_tokens
         self.last = result
         return self._run(turn, stream, result)
 
@@ -265,6 +275,7 @@ class ChatSession:
             result.evaluated_tokens = stats.evaluated_tokens
             result.seconds = time.perf_counter() - start
             result.timings = stats.timings()
+            result.context_full = result.finish == "length" and result.context_limited
 
     @staticmethod
     def _show(released: Iterable[tuple[int, str]], turn: Turn, shown: list[str]) -> Iterator[str]:
