@@ -56,6 +56,8 @@ class LineReader(Protocol):
 class PlainReader:
     """Line input for dumb terminals and redirected output: no escape codes at all."""
 
+    line_mode = True  # the terminal edits the lines (Ctrl-D, backspace), not this program
+
     def __init__(self, stdin: TextIO, prompt_out: TextIO) -> None:
         self.stdin = stdin
         self.prompt_out = prompt_out

@@ -209,13 +209,15 @@ def ctrl_c_cancels(cancel: Callable[[], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
+def keyboard_echo_off(stream: TextIO, line_mode: bool = False) -> Iterator[None]:
     """Stop the terminal echoing keys (and ^C) into a streaming reply; keep what is typed.
 
     Keys typed meanwhile wait for the next prompt as they were pressed: no line editing and no
     CR-to-NL mapping by the terminal, or an Enter typed ahead would arrive as Ctrl-J (a newline
     in the message) instead of sending it. Ctrl-C still raises SIGINT, without the terminal's
-    usual flush of what was typed before it (NOFLSH).
+    usual flush of what was typed before it (NOFLSH). With `line_mode` (the plain reader, which
+    reads lines the terminal edits) the terminal keeps its line editing, so a Ctrl-D typed
+    ahead is still end-of-input rather than a literal character in the next message.
     """
     try:
         import termios
@@ -226,8 +228,10 @@ def keyboard_echo_off(stream: TextIO) -> Iterator[None]:
         yield  # not a terminal (or not POSIX): nothing to silence
         return
     quiet = list(saved)
-    quiet[0] &= ~termios.ICRNL
-    quiet[3] &= ~(termios.ECHO | termios.ICANON | getattr(termios, "ECHOCTL", 0))
+    if not line_mode:
+        quiet[0] &= ~termios.ICRNL
+        quiet[3] &= ~termios.ICANON
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
     quiet[3] |= termios.NOFLSH
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
     try:
@@ -457,7 +461,12 @@ class Repl:
         """Send a message, stream the reply, report, autosave."""
         chunks: Generator[str, None, None] = self.session.send(message)
         term = self.termination
-        with keyboard_echo_off(self.stdin), ctrl_c_cancels(self.session.cancel), term.replying():
+        line_mode = getattr(self.reader, "line_mode", False)
+        with (
+            keyboard_echo_off(self.stdin, line_mode),
+            ctrl_c_cancels(self.session.cancel),
+            term.replying(),
+        ):
             try:
                 self.out.reply(chunks)
             except OSError:
