@@ -176,6 +176,32 @@ def test_a_ggml_abort_is_one_line_and_exit_5_not_a_signal_and_backtrace() -> Non
     assert "GGML_ASSERT" in line
 
 
+def test_a_ggml_abort_mid_reply_gives_the_terminal_its_echo_back() -> None:
+    import pty
+    import termios
+
+    # The REPL turns the terminal's echo off while a reply streams; an abort ends the process
+    # without unwinding, and must not leave the user's shell without echo.
+    script = ABORT.replace(
+        'print("before", flush=True)',
+        "from wizardchat.repl import keyboard_echo_off\n"
+        "ctx = keyboard_echo_off(sys.stdin); ctx.__enter__()\n"
+        'print("before", flush=True)',
+    )
+    master, slave = pty.openpty()
+    try:
+        assert termios.tcgetattr(slave)[3] & termios.ECHO
+        proc = subprocess.run(
+            [sys.executable, "-c", script], stdin=slave, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == ExitCode.LOAD_FAILED, proc.stderr[-2000:]
+        assert proc.stdout == "before\n"
+        assert termios.tcgetattr(slave)[3] & termios.ECHO, "echo left off"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_engine_turns_ggml_backtraces_off_unless_the_user_chose() -> None:
     code = "import os, wizardchat.engine; print(os.environ.get('GGML_NO_BACKTRACE'))"
     env = {k: v for k, v in os.environ.items() if k != "GGML_NO_BACKTRACE"}

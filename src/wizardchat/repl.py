@@ -23,7 +23,7 @@ from wizardchat.errors import SessionError, WizardchatError
 from wizardchat.reader import PROMPT, LineReader
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
-from wizardchat.signals import Termination
+from wizardchat.signals import Termination, undo_on_fatal_exit
 from wizardchat.store import (
     SavedSession,
     SavedTurn,
@@ -233,12 +233,17 @@ def keyboard_echo_off(stream: TextIO, line_mode: bool = False) -> Iterator[None]
         quiet[3] &= ~termios.ICANON
     quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
     quiet[3] |= termios.NOFLSH
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         with contextlib.suppress(termios.error, OSError):  # the terminal may have hung up
             termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        with undo_on_fatal_exit(restore):  # even if llama.cpp aborts mid-reply
+            yield
+    finally:
+        restore()
 
 
 class Repl:

@@ -72,3 +72,25 @@ class Termination:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+# Undo functions for state the process must not leave behind (the terminal's modes) when it
+# ends without unwinding: ggml's abort handler calls `before_fatal_exit` before os._exit.
+_fatal_hooks: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def undo_on_fatal_exit(undo: Callable[[], None]) -> Iterator[None]:
+    """While active, `before_fatal_exit` runs `undo`."""
+    _fatal_hooks.append(undo)
+    try:
+        yield
+    finally:
+        _fatal_hooks.remove(undo)
+
+
+def before_fatal_exit() -> None:
+    """Run the registered undo functions, newest first, ignoring their failures."""
+    for undo in reversed(_fatal_hooks):
+        with contextlib.suppress(Exception):
+            undo()

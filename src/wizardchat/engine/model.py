@@ -24,6 +24,7 @@ from wizardchat.errors import ExitCode, LoadError, WizardchatError
 from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
 from wizardchat.safe_text import terminal_safe
 from wizardchat.settings import KV_CACHE_TYPES, Settings
+from wizardchat.signals import before_fatal_exit
 
 LLAMA_CPP_VERSION = "0.3.36"
 # llama.cpp pads every context to a multiple of this (llama-context.cpp: GGML_PAD(n_ctx, 256)).
@@ -175,7 +176,9 @@ def _on_abort(message: bytes | None) -> None:
         if _sink.stream is not None and not _sink.stream.closed:
             _sink.stream.write(f"ggml abort: {text}\n")
             _sink.stream.flush()
+    before_fatal_exit()  # e.g. the terminal's echo, turned off while a reply streams
     line = f"wizardchat: error: llama.cpp stopped on an internal error: {text}{hint}\n"
+    line = terminal_safe(line.rstrip("\n")) + "\n"
     with contextlib.suppress(OSError):
         os.write(2, line.encode("utf-8", errors="replace"))
     os._exit(ExitCode.LOAD_FAILED)  # llama.cpp could not go on with the model
