@@ -368,6 +368,13 @@ def test_closed_stderr_does_not_stop_the_reply(models) -> None:
     assert p.returncode == ExitCode.NO_MODEL
 
 
+def test_full_stderr_keeps_the_exit_code_and_the_reply(models) -> None:
+    p = _shell(f"'{WIZARDCHAT}' ask Hi -m /nonexistent.gguf 2>/dev/full")
+    assert p.returncode == ExitCode.NO_MODEL  # the error line is lost, not the exit code
+    p = _shell(f"'{WIZARDCHAT}' ask Hi -m '{models.scripted}' -c 300 2>/dev/full")
+    assert (p.returncode, p.stdout) == (0, SCRIPT_REPLY + "\n")  # its "rounded up" note failed
+
+
 def test_endless_line_to_batch_ends_it_with_exit_6(models) -> None:
     # ulimit: should the bound ever break, fail with MemoryError instead of filling the machine
     p = _shell(f"ulimit -v 8000000; (echo Hi; cat /dev/zero) | '{WIZARDCHAT}' run "

@@ -124,8 +124,11 @@ def _err(message: str) -> None:
     (paths, names, the prompt with past replies), and stderr is for people, pipe or not."""
     from wizardchat.safe_text import terminal_safe
 
-    sys.stderr.write(terminal_safe(message) + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(terminal_safe(message) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # a full or closed stderr loses the message, never the reply or the exit code
 
 
 def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False) -> Settings:
