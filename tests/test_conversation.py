@@ -127,7 +127,9 @@ def test_eviction_drops_oldest_whole_turns_down_to_half_and_keeps_system() -> No
     assert evicted > 0
     assert [t.user for t in conv.window()] == [f"question {i}" for i in range(evicted, 8)]
     assert conv.tokens()[:4] == conv.system_tokens
-    assert len(conv.prompt(turn)) + 64 <= 200
+    assert len(conv.prompt(turn)) <= 200  # history and message: at most half the context
+    last_out = conv.turns[evicted - 1]  # keeping it too would pass half: no more was evicted
+    assert len(conv.prompt(turn)) + len(last_out.user_tokens) + len(last_out.reply_tokens) + 1 > 200
     # The next turn fits without evicting again: eviction is rare, in one chunk.
     _closed(conv, "next", "r", [50] * 20)
     assert conv.make_room(conv.new_turn("again"), max_tokens=64) == 0

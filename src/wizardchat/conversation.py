@@ -111,9 +111,10 @@ class Conversation:
         """Evict the oldest turns from the window if `turn` and its reply would not fit.
 
         Returns how many were evicted now. Nothing is evicted while the history, the message and
-        the reply reserve fit. When they do not, eviction goes down to half the context in one
-        chunk, so the next turns extend the KV cache again instead of re-evaluating the history
-        every turn. Evicted turns stay in `turns` (the transcript).
+        the reply reserve fit. When they do not, eviction goes down until history and message
+        take at most half the context, in one chunk, so the next turns extend the KV cache again
+        instead of re-evaluating the history every turn. Evicted turns stay in `turns` (the
+        transcript).
         """
         self.check_fits(turn)
         fixed = len(self.system_tokens) + len(turn.user_tokens)
@@ -121,9 +122,11 @@ class Conversation:
         history = len(self.tokens()) - len(self.system_tokens)
         if fixed + history + reserve <= self.n_ctx:
             return 0
-        target = max(self.n_ctx // 2, fixed + reserve)
+        # Down to half the context for history and message: with the reserve at most a quarter,
+        # the next turns have at least a quarter of the context to grow into.
+        target = max(self.n_ctx // 2, fixed)
         before = self.evicted
-        while self.evicted < len(self.turns) and fixed + history > target - reserve:
+        while self.evicted < len(self.turns) and fixed + history > target:
             old = self.turns[self.evicted]
             history -= len(old.user_tokens) + len(old.reply_tokens) + 1
             self.evicted += 1
