@@ -17,7 +17,7 @@ import pexpect
 import pytest
 from conftest import WIZARDCHAT, Models, run_cli
 from gguf_models import SCRIPT_REPLY
-from test_repl import UP, Chat, chats, clean
+from test_repl import TOOLKIT_PROMPT, UP, Chat, chats, clean
 
 __all__ = ["chats"]  # the pty chat fixture, shared with test_repl
 
@@ -419,6 +419,7 @@ def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes(models: Models, tmp_path: 
             f'sh -c \'echo $$ > "{pidfile}"; exec "{WIZARDCHAT}" run -m "{models.scripted}"\''
         )
         chat = Chat.__new__(Chat)
+        chat.prompt = TOOLKIT_PROMPT  # __init__ (which starts its own process) is skipped
         chat.child = shell
         chat.expect("/help for commands")
         chat.wait_prompt()
