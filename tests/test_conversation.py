@@ -153,3 +153,17 @@ def test_text_of_an_interrupted_turn_is_still_closed_by_eos() -> None:
     conv = _char_conv(1000, system="")
     conv.close(Turn("a", [1], reply="par", reply_tokens=[3], interrupted=True))
     assert conv.text(conv.new_turn("b")) == "USER: a ASSISTANT: par</s>USER: b ASSISTANT:"
+
+
+def test_an_unanswered_turn_stays_in_the_transcript_but_out_of_the_window() -> None:
+    conv = _char_conv(400, system="")
+    _closed(conv, "one", "r1", [10])
+    conv.close(Turn("huge paste", [7] * 50, interrupted=True))  # Ctrl-C before any reply token
+    _closed(conv, "two", "r2", [11])
+    assert [t.user for t in conv.turns] == ["one", "huge paste", "two"]
+    assert [t.user for t in conv.window()] == ["one", "two"]
+    assert 7 not in conv.tokens() and "huge paste" not in conv.text()
+    for i in range(20):  # fill the context: eviction counts only turns the model saw
+        _closed(conv, f"q{i}", "r", [50] * 20)
+    evicted = conv.make_room(conv.new_turn("next"), max_tokens=64)
+    assert evicted == len(conv.turns) - len(conv.window()) - 1  # the unanswered one is not counted

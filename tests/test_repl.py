@@ -244,7 +244,7 @@ def test_ctrl_c_stops_a_long_prompt_evaluation(
     time.sleep(0.2)
     chat.child.sendcontrol("c")
     out = clean(chat.wait_prompt())
-    assert "interrupted before the reply began: the message was not kept" in out, out
+    assert "interrupted before the reply began: the model will not see" in out, out
     assert "Traceback" not in out and "Exception ignored" not in out
     assert "5 tokens · " in chat.send("and now a short one")
     # The aborted file is not part of the conversation: it is not evaluated again.
@@ -252,6 +252,11 @@ def test_ctrl_c_stops_a_long_prompt_evaluation(
     assert evaluated and int(evaluated.group(1)) < 200, evaluated
     assert "big.txt" not in chat.send("/prompt")
     assert chat.exit() == 0
+    # The transcript keeps what the user sent, marked interrupted.
+    (saved,) = (tmp_path / "home" / "data" / "sessions").glob("*.json")
+    turns = json.loads(saved.read_text(encoding="utf-8"))["turns"]
+    assert turns[0]["user"].startswith("--- File: big.txt ---") and turns[0]["interrupted"]
+    assert turns[1]["user"] == "and now a short one"
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(

@@ -142,7 +142,9 @@ def test_full_context_evicts_old_turns_and_says_so(models, engine_factory) -> No
     ]
 
 
-def test_a_prompt_aborted_before_any_reply_token_is_not_kept(models, engine_factory) -> None:
+def test_a_prompt_aborted_before_any_reply_token_is_kept_but_not_seen(
+    models, engine_factory
+) -> None:
     session = _session(engine_factory(models.slow, ctx_size=8192), max_tokens=5)
     session.abort_prompt = True
     list(session.send("Hi"))
@@ -152,10 +154,14 @@ def test_a_prompt_aborted_before_any_reply_token_is_not_kept(models, engine_fact
     assert list(stream) == []
     assert session.last is not None and session.last.finish == "interrupted"
     assert session.last.dropped
-    assert [t.user for t in session.conversation.turns] == ["Hi"]
+    # What the user said stays in the transcript; the model no longer sees it.
+    assert [t.user for t in session.conversation.turns] == ["Hi", big]
+    assert session.conversation.turns[1].interrupted and session.conversation.turns[1].reply == ""
+    assert [t.user for t in session.conversation.window()] == ["Hi"]
     # The next message does not evaluate the aborted one again.
     list(session.send("Who are you?"))
     assert session.last.evaluated_tokens < 100
+    assert [t.user for t in session.conversation.window()] == ["Hi", "Who are you?"]
 
 
 def test_a_message_longer_than_the_context_is_refused(models, engine_factory) -> None:

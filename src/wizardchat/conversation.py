@@ -37,6 +37,15 @@ class Turn:
     reply_tokens: list[int] = field(default_factory=list)
     interrupted: bool = False
 
+    @property
+    def unanswered(self) -> bool:
+        """Interrupted before the first reply token (Ctrl-C during a long prompt).
+
+        Such a turn stays in the transcript, as the user said it, but the model does not see
+        it: the next message would otherwise evaluate it again, whole, for nothing.
+        """
+        return self.interrupted and not self.reply_tokens and not self.reply
+
 
 @dataclass
 class Conversation:
@@ -62,8 +71,9 @@ class Conversation:
         return Turn(user=text, user_tokens=self.tokenize(user_segment(text)))
 
     def window(self) -> list[Turn]:
-        """The closed turns the model sees (the transcript less the evicted oldest turns)."""
-        return self.turns[self.evicted :]
+        """The closed turns the model sees: the transcript less the evicted oldest turns and
+        the unanswered ones."""
+        return [t for t in self.turns[self.evicted :] if not t.unanswered]
 
     def tokens(self) -> list[int]:
         """The history as the model sees it: BOS, system, then each window turn closed by EOS."""
@@ -125,12 +135,14 @@ class Conversation:
         # Down to half the context for history and message: with the reserve at most a quarter,
         # the next turns have at least a quarter of the context to grow into.
         target = max(self.n_ctx // 2, fixed)
-        before = self.evicted
+        evicted_now = 0
         while self.evicted < len(self.turns) and fixed + history > target:
             old = self.turns[self.evicted]
-            history -= len(old.user_tokens) + len(old.reply_tokens) + 1
             self.evicted += 1
-        return self.evicted - before
+            if not old.unanswered:  # an unanswered turn is not in the window anyway
+                history -= len(old.user_tokens) + len(old.reply_tokens) + 1
+                evicted_now += 1
+        return evicted_now
 
     def max_reply_tokens(self, turn: Turn, max_tokens: int) -> int:
         """How many tokens the reply may have: --max-tokens, and room left for it and its EOS."""

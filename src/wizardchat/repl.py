@@ -487,7 +487,8 @@ class Repl:
         if last is not None:
             if last.dropped:
                 self.out.note(
-                    "[interrupted before the reply began: the message was not kept; Up recalls it]"
+                    "[interrupted before the reply began: the model will not see this message; "
+                    "it stays in the saved conversation]"
                 )
             elif last.finish == "interrupted":
                 self.out.note("[interrupted]")

@@ -152,8 +152,9 @@ class TurnResult:
     seconds: float = 0.0
     finish: str = ""
     evicted_turns: int = 0
-    # Interrupted before the first reply token (Ctrl-C during a long prompt): the message was
-    # not added to the conversation, so the next message does not evaluate it again.
+    # Interrupted before the first reply token (Ctrl-C during a long prompt): the message stays
+    # in the transcript, but the model no longer sees it, so the next message does not
+    # evaluate it again.
     dropped: bool = False
     context_limited: bool = False  # the room left in the context, not --max-tokens, capped it
     context_full: bool = False  # the reply was cut because the context filled up
@@ -264,10 +265,8 @@ class ChatSession:
                 result.finish = "interrupted"
             turn.reply = "".join(shown)
             turn.interrupted = result.finish == "interrupted"
-            if turn.interrupted and not turn.reply_tokens:
-                result.dropped = True
-            else:
-                self.conversation.close(turn)
+            result.dropped = turn.unanswered  # kept in the transcript, out of the model's view
+            self.conversation.close(turn)
             stats = stream.stats
             result.reply = turn.reply
             result.prompt_tokens = stats.prompt_tokens
