@@ -23,13 +23,8 @@ def saved_session(
 
 
 def free_name(store: SessionStore) -> str:
-    """An automatic name (chat-YYYYMMDD-HHMMSS) that no saved session has yet."""
-    base = auto_name()
-    name, n = base, 1
-    while store.exists(name):
-        n += 1
-        name = f"{base}-{n}"
-    return name
+    """An automatic name (chat-YYYYMMDD-HHMMSS) that no saved session has yet, now claimed."""
+    return store.claim_free_name(auto_name()).name
 
 
 class Recording:

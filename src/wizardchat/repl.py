@@ -19,17 +19,16 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from wizardchat import commands
-from wizardchat.errors import SessionError, WizardchatError
+from wizardchat.errors import WizardchatError
 from wizardchat.reader import PROMPT, LineReader
+from wizardchat.recording import saved_session
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
 from wizardchat.signals import Termination, undo_on_fatal_exit
 from wizardchat.store import (
     SavedSession,
-    SavedTurn,
     SessionChanged,
     SessionClaim,
-    SessionHeld,
     SessionStore,
     auto_name,
     check_name,
@@ -302,16 +301,9 @@ class Repl:
 
     def _free_name(self, base: str) -> str:
         """`base`, else `base-2`, `base-3`, ...: the first name with no file, now claimed."""
-        for n in range(1, 1000):
-            name = base if n == 1 else f"{base[:60]}-{n}"
-            if self.store.exists(name):
-                continue
-            try:
-                self._hold(name)
-            except SessionHeld:
-                continue  # another wizardchat picked it a moment ago
-            return name
-        raise SessionError(f"no free session name like '{base}' in {self.store.directory}")
+        name = self.store.claim_free_name(base).name
+        self._hold(name)  # the same claim again: this lets the old one go
+        return name
 
     def name_session(self, name: str) -> None:
         """Use `name` for this conversation from now on (it need not exist yet)."""
@@ -328,13 +320,7 @@ class Repl:
         on_disk = self._name is not None and self.store.exists(self._name)
         if not conv.turns and not force and not on_disk:
             return None  # nothing said yet: leave no empty sessions behind
-        saved = SavedSession(
-            name=self.name,
-            system=conv.system,
-            turns=[SavedTurn(t.user, t.reply, t.interrupted) for t in conv.turns],
-            model=self.engine.model_name,
-            created=self.created,
-        )
+        saved = saved_session(conv, self.name, self.engine.model_name, self.created)
         try:
             return self.store.save(saved)
         except SessionChanged as e:

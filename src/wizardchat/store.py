@@ -366,6 +366,18 @@ class SessionStore:
 
     # --- claims -------------------------------------------------------------------------------
 
+    def claim_free_name(self, base: str) -> SessionClaim:
+        """Claim `base`, else `base-2`, `base-3`, ...: the first name with no file and no holder."""
+        for n in range(1, 1000):
+            name = base if n == 1 else f"{base[:60]}-{n}"
+            if self.exists(name):
+                continue
+            try:
+                return self.claim(name)
+            except SessionHeld:
+                continue  # another wizardchat picked it a moment ago
+        raise SessionError(f"no free session name like '{base}' in {self.directory}")
+
     def claim(self, name: str) -> SessionClaim:
         """Hold session `name` for this process until the claim is released (or the process ends).
 
