@@ -46,7 +46,8 @@ def _check_evictions_were_all_said(text: str, turns: int) -> int:
 @pytest.mark.parametrize("ctx", [30, 256, 300, 320, 384, 512, 640, 1000, 1024])
 def test_a_long_batch_is_answered_whole_at_any_context_size(models: Models, ctx: int) -> None:
     lines = [f"What is two plus three {i} tell me more about it" for i in range(40)]
-    r = run_cli("run", "-m", str(models.scripted), "-c", str(ctx), stdin="\n".join(lines) + "\n")
+    stdin = "\n".join(lines) + "\n"
+    r = run_cli("run", "-m", str(models.scripted), "-c", str(ctx), stdin=stdin, timeout=300)
     assert r.code == 0, r.stderr
     assert r.stdout.count(SCRIPT_REPLY) == 40
     assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr
