@@ -269,6 +269,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(
     assert "unknown command" not in out and "--- prompt:" in out
     chat.child.sendcontrol("c")
     chat.expect("Ctrl-C again or Ctrl-D to exit")
+    chat.wait_prompt()  # as a user sees it: the prompt is back
     chat.child.sendcontrol("c")
     chat.child.expect(pexpect.EOF)
     chat.child.close()

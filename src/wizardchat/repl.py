@@ -421,7 +421,10 @@ class Repl:
                 if armed:
                     break
                 armed = True
-                self.out.note("(Ctrl-C again or Ctrl-D to exit)")
+                try:
+                    self.out.note("(Ctrl-C again or Ctrl-D to exit)")
+                except KeyboardInterrupt:
+                    break  # the second Ctrl-C came before the next prompt was up
                 continue
             armed = False
             try:
