@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from wizardchat.conversation import MIN_REPLY_TOKENS, user_segment
 from wizardchat.errors import ContextError, UsageError
-from wizardchat.inputs import MAX_BYTES_PER_TOKEN, repair_text
+from wizardchat.inputs import check_fits, repair_text
 from wizardchat.recording import Recording, free_name
 from wizardchat.render import stream_plain
 from wizardchat.safe_text import json_safe
@@ -88,12 +88,7 @@ def _slash_command(batch: Batch, line: str) -> None:
 
 
 def _check_length(session: ChatSession, text: str, what: str) -> None:
-    """Refuse text that cannot fit the context before tokenizing it all (megabytes are slow)."""
-    n_ctx = session.conversation.n_ctx
-    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:
-        raise ContextError(
-            f"{what} too long: {len(text)} characters cannot fit in the {n_ctx}-token context"
-        )
+    check_fits(text, session.conversation.n_ctx, f"{what} too long")
 
 
 def _set_system(session: ChatSession, system: str) -> None:

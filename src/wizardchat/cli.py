@@ -256,17 +256,6 @@ def _read_stdin_text() -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _check_fits(text: str, n_ctx: int) -> None:
-    """Refuse text that cannot fit before tokenizing it all (megabytes take a while)."""
-    from wizardchat.inputs import MAX_BYTES_PER_TOKEN
-
-    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:  # len in characters <= bytes
-        raise ContextError(
-            f"input too long for the context: {len(text)} characters cannot fit in "
-            f"{n_ctx} tokens (use a larger --ctx-size or a shorter input)"
-        )
-
-
 def _stdin_lines() -> Iterator[str]:
     from wizardchat.inputs import STDIN_LIMIT, TooLongError, read_lines
 
@@ -395,7 +384,9 @@ def ask(
     settings = _settings(flags, yes=yes, can_ask=can_ask)
     out = _reply_output()
     with _engine(settings, verbose_prompt) as (engine, session):
-        _check_fits(text, engine.n_ctx)
+        from wizardchat.inputs import check_fits
+
+        check_fits(text, engine.n_ctx, "input too long for the context")
         if json_output:
             reply = "".join(session.send(text))
             last = session.last

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from wizardchat.errors import ContextError
+
 # A token of any vocabulary wizardchat loads covers far fewer bytes than this; text longer than
 # n_ctx * MAX_BYTES_PER_TOKEN bytes therefore cannot fit the context, whatever it says.
 MAX_BYTES_PER_TOKEN = 64
@@ -91,3 +93,13 @@ def regular_file_problem(path: Path) -> str | None:
     if stat.S_ISSOCK(mode):
         return "is a socket, not a file"
     return "is not a regular file"
+
+
+def check_fits(text: str, n_ctx: int, what: str) -> None:
+    """Refuse text that cannot fit an `n_ctx`-token context before tokenizing it all (megabytes
+    take a while); `what` starts the message, e.g. "message too long"."""
+    if len(text) > n_ctx * MAX_BYTES_PER_TOKEN:  # len in characters <= bytes
+        raise ContextError(
+            f"{what}: {len(text)} characters cannot fit in the {n_ctx}-token context "
+            "(use a larger --ctx-size or shorter text)"
+        )
