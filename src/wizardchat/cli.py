@@ -648,14 +648,16 @@ def models(
     if not found:
         _err(f"no models in {hubcache.cache_dir()} yet (wizardchat pull downloads one)")
         return
-    # The reference is what -m and rm take; the quant is in it. Paths run to 150 columns.
-    rows: list[tuple[str, ...]] = [("REFERENCE", "SIZE", "STATUS", *(["PATH"] * show_paths))]
+    # Paths in the hub cache run to 150 columns: only when asked, so the table fits 100.
+    rows: list[tuple[str, ...]] = [
+        ("REFERENCE", "QUANT", "SIZE", "STATUS", *(["PATH"] * show_paths))
+    ]
     for m in found:
         status = (
             "complete" if m.complete else f"incomplete {_percent(m.size_on_disk, m.total_size)}"
         )
         path = [str(m.path)] if show_paths else []
-        rows.append((m.reference, human_size(m.size_on_disk), status, *path))
+        rows.append((m.reference, m.quant, human_size(m.size_on_disk), status, *path))
     PlainOutput(sys.stdout, sys.stderr).rows(rows)
 
 
