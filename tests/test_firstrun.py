@@ -161,6 +161,51 @@ def test_batch_mode_names_what_runs_when_nothing_fits(sized_hub: FakeHub) -> Non
     assert "no quant of wizardlm2-8x22b fits this machine" in str(e.value)
 
 
+def test_pull_without_a_quant_refuses_when_nothing_fits_and_names_what_runs(
+    sized_hub: FakeHub,
+) -> None:
+    from wizardchat import hub
+
+    ref = ModelRef(MAZ, None, FAMILIES["wizardlm2-8x22b"])
+    warnings: list[str] = []
+    with pytest.raises(NoModelError) as e:
+        pulling.pull_choice(ref, hub.list_remote(ref), laptop(), warn=warnings.append)
+    assert "`wizardchat pull wizardlm2-7b:Q8_0` gets what runs here" in str(e.value)
+    named = ModelRef(MAZ, "Q4_K_M", ref.family)
+    choice = pulling.pull_choice(named, hub.list_remote(named), laptop(), warn=warnings.append)
+    assert choice.quant.name == "Q4_K_M"  # named: the user decides, and is told
+    assert len(warnings) == 1 and "no quant of wizardlm2-8x22b fits this machine" in warnings[0]
+
+
+def test_yes_never_downloads_what_cannot_run_unless_named(
+    sized_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wizardchat.errors import HubError
+
+    with pytest.raises(NoModelError, match="wizardchat pull wizardlm2-7b:Q8_0"):
+        pulling.resolve_model(
+            "wizardlm2-8x22b",
+            yes=True,
+            can_ask=True,
+            confirm=Questions(answer=True),
+            err=io.StringIO(),
+            machine=laptop(),
+        )
+    monkeypatch.setenv("WIZARDCHAT_TEST_DISK_FREE_BYTES", "1000")  # stop before any byte
+    err = io.StringIO()
+    with pytest.raises(HubError, match="not enough disk space"):
+        pulling.resolve_model(
+            "wizardlm2-8x22b:Q4_K_M",
+            yes=True,
+            can_ask=True,
+            confirm=Questions(answer=False),
+            err=err,
+            machine=laptop(),
+        )
+    assert "warning: no quant of wizardlm2-8x22b fits this machine" in err.getvalue()
+    assert sum(sized_hub.bytes_served.values()) == 0
+
+
 def test_pull_list_says_the_budget_and_marks_no_default_when_nothing_fits(
     sized_hub: FakeHub,
 ) -> None:

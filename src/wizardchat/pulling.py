@@ -420,7 +420,15 @@ def resolve_model(
     machine = machine or Machine.detect()
     wanted = _download(ref, model, machine)
     if not wanted.fits:
-        chosen = _nothing_fits(wanted, machine, yes=yes, can_ask=can_ask, confirm=confirm, err=err)
+        chosen = _nothing_fits(
+            wanted,
+            machine,
+            named=ref.quant is not None,
+            yes=yes,
+            can_ask=can_ask,
+            confirm=confirm,
+            err=err,
+        )
         return pull_quant(chosen.model, chosen.quant, err)
     if not yes:
         if not can_ask:
@@ -434,12 +442,19 @@ def resolve_model(
 
 
 def _nothing_fits(
-    wanted: Download, machine: Machine, *, yes: bool, can_ask: bool, confirm: Confirm, err: TextIO
+    wanted: Download,
+    machine: Machine,
+    *,
+    named: bool,
+    yes: bool,
+    can_ask: bool,
+    confirm: Confirm,
+    err: TextIO,
 ) -> Download:
     """What to pull when `wanted` does not fit: what runs here, if the user takes it on the
     terminal; `wanted` itself only when named with its quant and --yes, or confirmed anyway."""
     why = nothing_fits(wanted, machine)
-    if yes and wanted.ref.quant is not None:
+    if yes and named:
         err.write(f"wizardchat: warning: {why}\n")
         return wanted  # named with its quant and --yes: the user decided
     instead = what_runs(wanted, machine)
