@@ -639,7 +639,7 @@ def models(
         bool, typer.Option("--paths", help="Add the path of each model's file (wide).")
     ] = False,
 ) -> None:
-    """List downloaded models: reference, size, status (--paths: the files)."""
+    """List downloaded models: reference, size, status."""
     from wizardchat import hubcache
     from wizardchat.catalog import human_size
     from wizardchat.repl import PlainOutput
