@@ -370,6 +370,7 @@ def test_batch_and_piped_ask_say_pull_first_when_the_hub_is_unreachable(
     assert r.code == 3, r.stderr
     assert "run `wizardchat pull wizardlm2-7b` first, or pass --yes" in r.stderr
     assert r.stderr.count("wizardchat: error:") == 1
+    assert f"wizardchat: hint: cannot reach {no_hub}" in r.stderr  # why it could not say more
 
 
 def test_rm_declined_is_not_an_error(tiny_hub: FakeHub) -> None:

@@ -158,6 +158,7 @@ def test_list_shows_sizes_and_fit_without_downloading(hub: FakeHub, blobs: Blobs
     assert rows["Q4_K_M"][4] == "split" and rows["IQ1_S"][4] == "single"
     assert rows["Q4_K_M"][5] == "yes"  # a few MB fit any machine
     assert "<- default" in " ".join(rows["Q4_K_M"])  # the biggest that fits
+    assert r.stderr.startswith("this machine: ") and "model files up to" in r.stderr
     assert sum(hub.bytes_served.values()) == 0
 
 

@@ -130,8 +130,8 @@ def list_remote(ref: ModelRef) -> RemoteModel:
 def network_hints() -> list[str]:
     """What to check when the hub cannot be reached, and what works without it."""
     hints = [
-        "check the network, a proxy (HTTPS_PROXY) and HF_ENDPOINT; HF_HUB_OFFLINE=1 uses "
-        "models already downloaded, and -m FILE.gguf a file you have"
+        "check the network, a proxy (HTTPS_PROXY) and HF_ENDPOINT",
+        "HF_HUB_OFFLINE=1 uses the models already downloaded; -m FILE.gguf uses a file you have",
     ]
     here = [
         m.reference

@@ -416,7 +416,7 @@ def resolve_model(
         if yes or can_ask:
             raise
         # No terminal to ask on: the advice is to pull first, whatever the hub's state.
-        raise NoModelError(f"{ref} is not downloaded: {pull_first}", hints=e.hints) from None
+        raise NoModelError(f"{ref} is not downloaded: {pull_first}", hints=(str(e),)) from None
     machine = machine or Machine.detect()
     wanted = _download(ref, model, machine)
     if not wanted.fits:
