@@ -402,11 +402,17 @@ def test_run_asks_before_downloading_and_shows_the_size(
     assert child.exitstatus == 0
 
 
-def test_the_download_question_warns_when_nothing_fits(hub: FakeHub, monkeypatch) -> None:
+def test_the_download_question_warns_when_nothing_fits(
+    hub: FakeHub, monkeypatch, tmp_path: Path
+) -> None:
     import io
+
+    from hub_server import point_huggingface_hub_at
 
     from wizardchat import pulling
     from wizardchat.errors import NoModelError
+
+    point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf")  # in this process too
 
     with pytest.raises(NoModelError, match=r"no quant of wizardlm2-7b fits this machine"):
         pulling.resolve_model(
