@@ -158,6 +158,7 @@ def test_list_shows_sizes_and_fit_without_downloading(hub: FakeHub, blobs: Blobs
     assert rows["Q4_K_M"][4] == "split" and rows["IQ1_S"][4] == "single"
     assert rows["Q4_K_M"][5] == "yes"  # a few MB fit any machine
     assert "<- default" in " ".join(rows["Q4_K_M"])  # the biggest that fits
+    assert r.stderr.startswith("this machine: ") and "model files up to" in r.stderr
     assert sum(hub.bytes_served.values()) == 0
 
 
@@ -255,13 +256,18 @@ def test_models_and_rm(hub: FakeHub, tmp_path: Path, blobs: Blobs) -> None:
     listing = run_cli("models")
     assert listing.code == 0
     lines = listing.stdout.splitlines()
-    assert lines[0].split() == ["REFERENCE", "QUANT", "SIZE", "STATUS", "PATH"]
+    assert lines[0].split() == ["REFERENCE", "QUANT", "SIZE", "STATUS"]
+    assert any(
+        re.match(r"wizardlm2-8x22b:Q4_K_M\s+Q4_K_M\s+[\d.]+ MB\s+complete$", line) for line in lines
+    ), listing.stdout
+    wide = run_cli("models", "--paths").stdout.splitlines()
+    assert wide[0].split() == ["REFERENCE", "QUANT", "SIZE", "STATUS", "PATH"]
     assert any(
         re.match(
             r"wizardlm2-8x22b:Q4_K_M\s+Q4_K_M\s+[\d.]+ MB\s+complete\s+\S+00001-of-00003", line
         )
-        for line in lines
-    ), listing.stdout
+        for line in wide
+    ), wide
     refused = run_cli("rm", "wizardlm2-8x22b:Q4_K_M")  # no terminal to confirm on
     assert refused.code == 2 and "--yes" in refused.stderr
     removed = run_cli("rm", "wizardlm2-8x22b:Q4_K_M", "--yes")
@@ -382,7 +388,7 @@ def test_run_asks_before_downloading_and_shows_the_size(
         if answer == "n":
             child.expect(pexpect.EOF)
             child.close()
-            assert child.exitstatus == 2
+            assert child.exitstatus == 0  # declining is not an error
             assert sum(hub.bytes_served.values()) == 0
             return
         child.expect("ready in")
@@ -396,18 +402,24 @@ def test_run_asks_before_downloading_and_shows_the_size(
     assert child.exitstatus == 0
 
 
-def test_the_download_question_warns_when_nothing_fits(hub: FakeHub, monkeypatch) -> None:
+def test_the_download_question_warns_when_nothing_fits(
+    hub: FakeHub, monkeypatch, tmp_path: Path
+) -> None:
     import io
+
+    from hub_server import point_huggingface_hub_at
 
     from wizardchat import pulling
     from wizardchat.errors import NoModelError
 
-    monkeypatch.setattr(pulling, "memory_budget", lambda ref: 1000)  # a machine with 1 KB
-    with pytest.raises(NoModelError, match=r"more than this machine's memory can hold \(1.0 KB\)"):
+    point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf")  # in this process too
+
+    with pytest.raises(NoModelError, match=r"no quant of wizardlm2-7b fits this machine"):
         pulling.resolve_model(
             "wizardlm2-7b:Q5_K_M",
             yes=False,
             can_ask=False,
             confirm=lambda q: False,
             err=io.StringIO(),
+            machine=pulling.Machine(ram=1000),  # a machine with 1 KB
         )

@@ -83,6 +83,12 @@ _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _PART_RE = re.compile(r"\.gguf\.part(\d+)of(\d+)$")
 
 
+def is_wizardlm2(repo: str) -> bool:
+    """Whether a repository holds a WizardLM-2 model (a catalog repository or one so named)."""
+    known = {r for f in FAMILIES.values() for r in (f.repo, *f.alternatives)}
+    return repo in known or "wizardlm-2" in repo.lower()
+
+
 def repo_id_problem(repo: str) -> str | None:
     """Why `repo` is not a valid OWNER/NAME repository id, or None when it is."""
     owner, slash, name = repo.partition("/")

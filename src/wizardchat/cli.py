@@ -25,6 +25,7 @@ from wizardchat import __version__
 from wizardchat.errors import (
     BadModelError,
     ContextError,
+    Declined,
     ExitCode,
     NoModelError,
     OutputError,
@@ -289,10 +290,15 @@ def _guarded(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
         except typer.Exit:
             raise
+        except Declined as e:  # the user said no: say what next, exit 0
+            _err(f"wizardchat: {e}")
+            raise typer.Exit(e.exit_code) from None
         except WizardchatError as e:
             if _state.debug:
                 raise
             _err(f"wizardchat: error: {e}")
+            for hint in e.hints:
+                _err(f"wizardchat: hint: {hint}")
             raise typer.Exit(e.exit_code) from None
         except Terminated as e:  # SIGTERM/SIGHUP between replies: nothing was left unsaved
             raise typer.Exit(128 + e.signum) from None
@@ -603,8 +609,8 @@ def pull(
 ) -> None:
     """Download a model: all shards, resumable, verified."""
     from wizardchat import hub
-    from wizardchat.catalog import choose_quant, parse_ref
-    from wizardchat.pulling import default_ref, memory_budget, pull_quant, quant_table
+    from wizardchat.catalog import parse_ref
+    from wizardchat.pulling import Machine, default_ref, pull_choice, pull_quant, quant_table
     from wizardchat.repl import PlainOutput
 
     configured = load_settings({}).model
@@ -614,19 +620,26 @@ def pull(
     model = hub.list_remote(parsed)
     if not model.quants:
         raise NoModelError(f"{parsed.repo} has no GGUF files")
+    machine = Machine.detect()
     if list_quants:
-        rows, _ = quant_table(model, parsed)
+        rows, _, budget = quant_table(model, parsed, machine)
         PlainOutput(sys.stdout, sys.stderr).rows(rows)
+        _err(budget)
         return
-    quant = choose_quant(model.quants, parsed, memory_budget(parsed))
-    path = pull_quant(model, quant, sys.stderr, workers=workers)
+    choice = pull_choice(parsed, model, machine, warn=_err)
+    path = pull_quant(model, choice.quant, sys.stderr, workers=workers)
     sys.stdout.write(f"{path}\n")
+    _err(f"chat with it: wizardchat run -m {choice.ref}")
 
 
 @app.command()
 @_guarded
-def models() -> None:
-    """List downloaded models: reference, size, status, path."""
+def models(
+    show_paths: Annotated[
+        bool, typer.Option("--paths", help="Add the path of each model's file (wide).")
+    ] = False,
+) -> None:
+    """List downloaded models: reference, size, status."""
     from wizardchat import hubcache
     from wizardchat.catalog import human_size
     from wizardchat.repl import PlainOutput
@@ -635,12 +648,16 @@ def models() -> None:
     if not found:
         _err(f"no models in {hubcache.cache_dir()} yet (wizardchat pull downloads one)")
         return
-    rows: list[tuple[str, ...]] = [("REFERENCE", "QUANT", "SIZE", "STATUS", "PATH")]
+    # Paths in the hub cache run to 150 columns: only when asked, so the table fits 100.
+    rows: list[tuple[str, ...]] = [
+        ("REFERENCE", "QUANT", "SIZE", "STATUS", *(["PATH"] * show_paths))
+    ]
     for m in found:
         status = (
             "complete" if m.complete else f"incomplete {_percent(m.size_on_disk, m.total_size)}"
         )
-        rows.append((m.reference, m.quant, human_size(m.size_on_disk), status, str(m.path)))
+        path = [str(m.path)] if show_paths else []
+        rows.append((m.reference, m.quant, human_size(m.size_on_disk), status, *path))
     PlainOutput(sys.stdout, sys.stderr).rows(rows)
 
 
@@ -671,7 +688,7 @@ def rm(
         if not (sys.stdin is not None and sys.stdin.isatty()):
             raise UsageError(f"rm {ref}: pass --yes to delete {names} without a terminal to ask")
         if not confirm_on_terminal(f"delete {names} ({human_size(size)})? [y/N] "):
-            raise UsageError("nothing deleted")
+            raise Declined("nothing deleted")
     removed = [hubcache.remove(m) for m in targets]
     freed = sum(r.freed for r in removed)
     for path in sorted({p for r in removed for p in r.kept}):

@@ -27,7 +27,7 @@ Commands:
   ask         Answer one prompt: the reply to stdout, the rest to stderr.
   run         Chat on a terminal, or answer piped lines (batch mode).
   pull        Download a model: all shards, resumable, verified.
-  models      List downloaded models: reference, size, status, path.
+  models      List downloaded models: reference, size, status.
   rm          Delete a downloaded model and report the space freed.
   doctor      Show this install, this machine and the offload plan.
   bench       Measure prompt and generation speed with the current plan.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -22,9 +23,22 @@ class ExitCode(IntEnum):
 
 
 class WizardchatError(Exception):
-    """An error with a one-line message meant for the user and an exit code."""
+    """An error with a one-line message meant for the user and an exit code.
+
+    `hints` are short lines of advice shown after the message (`wizardchat: hint: ...`).
+    """
 
     exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str = "", *, hints: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.hints = tuple(hints)
+
+
+class Declined(WizardchatError):
+    """The user answered no to a question: nothing was done, which is not a failure."""
+
+    exit_code = ExitCode.OK
 
 
 class UsageError(WizardchatError):

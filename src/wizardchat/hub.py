@@ -33,6 +33,7 @@ from wizardchat.catalog import (
     is_commit,
     is_model_file,
     is_sha256,
+    is_wizardlm2,
     repo_path_problem,
 )
 from wizardchat.errors import HubError, NoModelError, UsageError
@@ -108,7 +109,9 @@ def list_remote(ref: ModelRef) -> RemoteModel:
             f"({type(e).__name__}: {_first_line(e)}); a proxy or captive portal?"
         ) from None
     except Exception as e:  # network: httpx2's errors, OSError, timeouts
-        raise HubError(f"cannot reach {endpoint()}: {_first_line(e)}") from None
+        raise HubError(
+            f"cannot reach {endpoint()}: {_first_line(e)}", hints=network_hints()
+        ) from None
     commit = info.sha
     if commit is None or not is_commit(commit):
         raise HubError(_refusal(ref.repo, f"its commit id {_shown(commit)} is not 40 hex digits"))
@@ -122,6 +125,22 @@ def list_remote(ref: ModelRef) -> RemoteModel:
     if twice is not None:  # two sizes or hashes for one path: which bytes would be right?
         raise HubError(_refusal(ref.repo, f"it lists {_shown(twice)} twice"))
     return RemoteModel(ref.repo, commit, group_quants(files))
+
+
+def network_hints() -> list[str]:
+    """What to check when the hub cannot be reached, and what works without it."""
+    hints = [
+        "check the network, a proxy (HTTPS_PROXY) and HF_ENDPOINT",
+        "HF_HUB_OFFLINE=1 uses the models already downloaded; -m FILE.gguf uses a file you have",
+    ]
+    here = [
+        m.reference
+        for m in hubcache.local_models()
+        if m.complete and (is_wizardlm2(m.repo) or m.reference.startswith("wizardlm2-"))
+    ]
+    if here:
+        hints.append(f"already here: {', '.join(here[:3])} (wizardchat run -m {here[0]})")
+    return hints
 
 
 def _refusal(repo: str, why: str) -> str:

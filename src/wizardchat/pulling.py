@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
 from wizardchat import hub, hubcache
 from wizardchat.catalog import (
+    DEFAULT_FAMILY,
     FAMILIES,
+    Family,
     ModelRef,
     Quant,
     choose_quant,
@@ -20,45 +25,157 @@ from wizardchat.catalog import (
     parse_ref,
     sort_quants,
 )
-from wizardchat.errors import NoModelError, UsageError
+from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-# A quant "fits" when its files plus the KV cache of this many tokens fit in RAM + GPU memory;
-# wizardchat's default context then grows to whatever else fits.
+    from wizardchat.planner import ModelShape
+
+# A quant "fits" when the offload planner (planner.make_plan) places it on this machine's RAM and
+# GPUs with the KV cache of this many tokens: experts in RAM where the GPUs are too small, with
+# the planner's own working memory. The context then grows to whatever else fits.
 FIT_CONTEXT = 8192
-MARGIN = 2 * 1024**3  # the OS, compute buffers, the rest of the desktop
 UNKNOWN_KV = 2 * 1024**3  # KV allowance for repositories outside the catalog
+FALLBACK_FAMILY = "wizardlm2-7b"  # what runs where no 8x22B quant fits
+BUDGET_STEP = 50_000_000  # how finely the largest fitting size is searched (bytes)
 
 
-def machine_memory() -> tuple[int, int]:
-    """(RAM total, GPU memory total) in bytes; 0 where it cannot be read."""
-    from wizardchat import hardware
+@dataclass(frozen=True)
+class Machine:
+    """The memory a model must fit in: total RAM and each GPU's memory, in bytes (0: unknown)."""
 
-    ram = hardware.host_memory()[1]
+    ram: int
+    gpus: tuple[int, ...] = ()
+
+    @classmethod
+    def detect(cls) -> Machine:
+        """This machine, from /proc/meminfo and llama.cpp's GPU devices."""
+        from wizardchat import hardware
+
+        ram = hardware.host_memory()[1]
+        try:
+            from wizardchat.engine import ggml
+
+            gpus = tuple(d.total_bytes for d in ggml.devices() if d.kind in ("GPU", "IGPU"))
+        except Exception:  # no llama.cpp backend to ask: count RAM only
+            gpus = ()
+        return cls(ram, gpus)
+
+    @property
+    def reserve(self) -> int:
+        """The planner's fixed working memory: the OS in RAM, compute buffers per GPU."""
+        from wizardchat.planner import DEFAULT_MARGIN, RAM_RESERVE
+
+        return RAM_RESERVE + DEFAULT_MARGIN * len(self.gpus)
+
+    def describe(self) -> str:
+        """'21.0 GB RAM and no GPU', '137.4 GB RAM + 25.8 GB GPU'."""
+        gpu = f" + {human_size(sum(self.gpus))} GPU" if self.gpus else " and no GPU"
+        return f"{human_size(self.ram)} RAM{gpu}"
+
+
+def fit_kv(ref: ModelRef) -> int:
+    """The KV cache a quant must leave room for: FIT_CONTEXT tokens in f16."""
+    return ref.family.kv_bytes_per_token() * FIT_CONTEXT if ref.family else UNKNOWN_KV
+
+
+def fit_shape(family: Family, size: int) -> ModelShape:
+    """The planner's picture of a `size`-byte quant of `family`, sized without its file.
+
+    8x22B: the planner's Q4_K_M layout (shared tensors, experts per layer) scaled to `size`, so
+    expert placement counts as it will at load time. Others (the dense 7B): `size` spread over
+    the layers, with 2% each for the token embeddings and the output.
+    """
+    from wizardchat.planner import LayerSize, ModelShape, wizardlm2_8x22b_shape
+
+    if family.name == DEFAULT_FAMILY:
+        base = wizardlm2_8x22b_shape()
+        r = size / base.total_bytes
+        return dataclasses.replace(
+            base,
+            layers=tuple(LayerSize(int(x.shared * r), int(x.experts * r)) for x in base.layers),
+            input_bytes=int(base.input_bytes * r),
+            output_bytes=int(base.output_bytes * r),
+            name=family.name,
+        )
+    edge = size // 50
+    layer = LayerSize((size - 2 * edge) // family.n_layer, 0)
+    return ModelShape(
+        n_layer=family.n_layer,
+        n_embd=family.n_head_kv * family.head_dim * 4,
+        n_head=family.n_head_kv * 4,
+        n_head_kv=family.n_head_kv,
+        head_dim=family.head_dim,
+        n_expert=0,
+        n_expert_used=0,
+        n_ctx_train=family.n_ctx_train,
+        layers=(layer,) * family.n_layer,
+        input_bytes=edge,
+        output_bytes=edge,
+        name=family.name,
+    )
+
+
+def plans(family: Family, size: int, machine: Machine) -> bool:
+    """Whether the planner places a `size`-byte quant of `family` here at FIT_CONTEXT tokens."""
+    from wizardchat.planner import Memory, PlanError, make_plan
+
+    gpus = [Memory(f"GPU{i}", "GPU", g) for i, g in enumerate(machine.gpus)]
+    ram = Memory("RAM", "RAM", machine.ram, total_bytes=machine.ram)
     try:
-        from wizardchat.engine import ggml
-
-        gpu = sum(d.total_bytes for d in ggml.devices() if d.kind in ("GPU", "IGPU"))
-    except Exception:  # no llama.cpp backend to ask: count RAM only
-        gpu = 0
-    return ram, gpu
+        plan = make_plan(fit_shape(family, size), gpus, ram, n_ctx=FIT_CONTEXT, min_ctx=FIT_CONTEXT)
+    except PlanError:
+        return False
+    return plan.fits
 
 
-def memory_budget(ref: ModelRef) -> int | None:
-    """Bytes of model files this machine can hold with room for an 8K KV cache (None: unknown)."""
-    ram, gpu = machine_memory()
-    if ram <= 0:
+@functools.lru_cache(maxsize=64)
+def _planned_budget(family: Family, machine: Machine) -> int:
+    """The largest quant size of `family` the planner places here (to BUDGET_STEP bytes)."""
+    lo, hi = 0, (machine.ram + sum(machine.gpus)) // BUDGET_STEP + 1
+    while lo < hi:  # about 15 plans of ~10 ms each
+        mid = (lo + hi + 1) // 2
+        if plans(family, mid * BUDGET_STEP, machine):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * BUDGET_STEP
+
+
+def memory_budget(ref: ModelRef, machine: Machine) -> int | None:
+    """Bytes of model files this machine holds with an 8K KV cache, by the planner's numbers
+    (None: memory unknown). Outside the catalog, no shape: RAM + GPU less KV and reserve."""
+    if machine.ram <= 0:
         return None
-    kv = ref.family.kv_bytes_per_token() * FIT_CONTEXT if ref.family else UNKNOWN_KV
-    return max(0, ram + gpu - kv - MARGIN)
+    if ref.family is not None:
+        return _planned_budget(ref.family, machine)
+    return max(0, machine.ram + sum(machine.gpus) - UNKNOWN_KV - machine.reserve)
 
 
-def quant_table(model: hub.RemoteModel, ref: ModelRef) -> tuple[list[tuple[str, ...]], str]:
-    """Rows of `pull --list` (quant, size, files, fits) and the quant a plain pull would take."""
-    budget = memory_budget(ref)
-    default = choose_quant(model.quants, ModelRef(ref.repo, None, ref.family), budget).name
+def _room(ref: ModelRef, budget: int) -> str:
+    return (
+        f"model files up to {human_size(budget)} with an {FIT_CONTEXT // 1024}K-token KV cache "
+        f"({human_size(fit_kv(ref))}) and working memory"
+    )
+
+
+def budget_line(ref: ModelRef, machine: Machine) -> str:
+    """The line of `pull --list` about this machine's memory."""
+    budget = memory_budget(ref, machine)
+    if budget is None:
+        return "this machine: memory unknown, so nothing is marked as fitting"
+    return f"this machine: {machine.describe()}, which hold {_room(ref, budget)}"
+
+
+def quant_table(
+    model: hub.RemoteModel, ref: ModelRef, machine: Machine
+) -> tuple[list[tuple[str, ...]], str | None, str]:
+    """Rows of `pull --list` (quant, size, files, fits), the quant a plain pull would take (None:
+    none fits, a plain pull refuses), and the line about this machine's budget."""
+    budget = memory_budget(ref, machine)
+    chosen = choose_quant(model.quants, ModelRef(ref.repo, None, ref.family), budget)
+    default = None if budget is not None and chosen.size > budget else chosen.name
     rows: list[tuple[str, ...]] = [("QUANT", "SIZE", "FILES", "FITS", "")]
     for name in sort_quants(model.quants):
         q = model.quants[name]
@@ -67,7 +184,92 @@ def quant_table(model: hub.RemoteModel, ref: ModelRef) -> tuple[list[tuple[str, 
         rows.append(
             (name, human_size(q.size), files, fits, "<- default" if name == default else "")
         )
-    return rows, default
+    return rows, default, budget_line(ref, machine)
+
+
+@dataclass(frozen=True)
+class Download:
+    """A quant that could be pulled, and whether it fits the machine."""
+
+    ref: ModelRef  # the reference with the quant named
+    model: hub.RemoteModel
+    quant: Quant
+    budget: int | None
+
+    @property
+    def fits(self) -> bool:
+        """Whether it fits (an unknown memory counts as fitting: nothing to say otherwise)."""
+        return self.budget is None or self.quant.size <= self.budget
+
+    @property
+    def what(self) -> str:
+        """'MaziyarPanahi/WizardLM-2-7B-GGUF Q8_0: 7.7 GB in 1 file(s)'."""
+        return (
+            f"{self.model.repo} {self.quant.name}: {human_size(self.quant.size)} "
+            f"in {len(self.quant.files)} file(s)"
+        )
+
+
+def _download(ref: ModelRef, model: hub.RemoteModel, machine: Machine) -> Download:
+    budget = memory_budget(ref, machine)
+    quant = choose_quant(model.quants, ref, budget)
+    return Download(ModelRef(ref.repo, quant.name, ref.family), model, quant, budget)
+
+
+def what_runs(wanted: Download, machine: Machine) -> Download | None:
+    """Where `wanted` does not fit: the biggest quant of the same repository that fits, else
+    WizardLM-2 7B at the biggest quant that fits, else None."""
+    same = _download(ModelRef(wanted.ref.repo, None, wanted.ref.family), wanted.model, machine)
+    if same.fits:
+        return same
+    seven = FAMILIES[FALLBACK_FAMILY]
+    if wanted.ref.family is seven:
+        return None
+    ref = ModelRef(seven.repo, None, seven)
+    try:
+        fallback = _download(ref, hub.list_remote(ref), machine)
+    except WizardchatError:  # the hub cannot list it: there is nothing to offer
+        return None
+    return fallback if fallback.fits else None
+
+
+def pull_choice(
+    ref: ModelRef, model: hub.RemoteModel, machine: Machine, *, warn: Callable[[str], None]
+) -> Download:
+    """What `wizardchat pull REF` downloads: the quant named (with a warning when it does not
+    fit), else the biggest that fits; with none that fits, an error that names what runs here."""
+    wanted = _download(ref, model, machine)
+    if wanted.fits:
+        return wanted
+    why = nothing_fits(wanted, machine)
+    if ref.quant is not None:
+        warn(f"wizardchat: warning: {why}")
+        return wanted
+    instead = what_runs(wanted, machine)
+    advice = (
+        f"`wizardchat pull {instead.ref}` gets what runs here"
+        if instead
+        else "`--model FILE.gguf` uses a smaller model file you have"
+    )
+    raise NoModelError(
+        f"{why}: {advice}; `wizardchat pull {wanted.ref}` downloads {wanted.quant.name} anyway"
+    )
+
+
+def nothing_fits(wanted: Download, machine: Machine) -> str:
+    """Why `wanted` is not offered, with the numbers."""
+    complete = [q for q in wanted.model.quants.values() if q.complete]
+    smallest = min(complete, key=lambda q: q.size)
+    budget = wanted.budget or 0
+    name = str(ModelRef(wanted.ref.repo, None, wanted.ref.family))
+    if smallest.size > budget:
+        why = (
+            f"no quant of {name} fits this machine: the smallest, {smallest.name}, is "
+            f"{human_size(smallest.size)}"
+        )
+    else:
+        why = f"{wanted.ref} ({human_size(wanted.quant.size)}) does not fit this machine"
+    return f"{why}, and {machine.describe()} hold {_room(wanted.ref, budget)}"
 
 
 class LineProgress:
@@ -182,8 +384,20 @@ def pull_quant(model: hub.RemoteModel, quant: Quant, err: TextIO, *, workers: in
 Confirm = Callable[[str], bool]
 
 
-def resolve_model(text: str, *, yes: bool, can_ask: bool, confirm: Confirm, err: TextIO) -> Path:
-    """The file to load for `--model TEXT`: a path as given, or a reference found or pulled."""
+def resolve_model(
+    text: str,
+    *,
+    yes: bool,
+    can_ask: bool,
+    confirm: Confirm,
+    err: TextIO,
+    machine: Machine | None = None,
+) -> Path:
+    """The file to load for `--model TEXT`: a path as given, or a reference found or pulled.
+
+    What is offered must fit `machine` (detected when None); where it does not, the question
+    offers what runs here instead. Answering no raises Declined (exit 0, not an error).
+    """
     ref = parse_ref(text)
     if isinstance(ref, Path):
         return ref
@@ -195,21 +409,74 @@ def resolve_model(text: str, *, yes: bool, can_ask: bool, confirm: Confirm, err:
             f"{ref} is not in the cache ({hubcache.cache_dir()}) and HF_HUB_OFFLINE is set: "
             "unset it to download, or pass --model PATH to a .gguf file"
         )
-    model = hub.list_remote(ref)
-    budget = memory_budget(ref)
-    quant = choose_quant(model.quants, ref, budget)
-    what = f"{ref.repo} {quant.name}: {human_size(quant.size)} in {len(quant.files)} file(s)"
-    if budget is not None and quant.size > budget:  # nothing fits: say so before 80 GB arrive
-        what += f", more than this machine's memory can hold ({human_size(budget)})"
+    pull_first = f"run `wizardchat pull {ref}` first, or pass --yes to download it now"
+    try:
+        model = hub.list_remote(ref)
+    except HubError as e:
+        if yes or can_ask:
+            raise
+        # No terminal to ask on: the advice is to pull first, whatever the hub's state.
+        raise NoModelError(f"{ref} is not downloaded: {pull_first}", hints=(str(e),)) from None
+    machine = machine or Machine.detect()
+    wanted = _download(ref, model, machine)
+    if not wanted.fits:
+        chosen = _nothing_fits(
+            wanted,
+            machine,
+            named=ref.quant is not None,
+            yes=yes,
+            can_ask=can_ask,
+            confirm=confirm,
+            err=err,
+        )
+        return pull_quant(chosen.model, chosen.quant, err)
     if not yes:
         if not can_ask:
-            raise NoModelError(
-                f"{ref} is not downloaded ({what}): run `wizardchat pull {ref}` first, "
-                "or pass --yes to download it now"
+            raise NoModelError(f"{ref} is not downloaded ({wanted.what}): {pull_first}")
+        if not confirm(f"{ref} is not downloaded. Download {wanted.what}? [y/N] "):
+            raise Declined(
+                f"nothing downloaded: `wizardchat pull {ref}` downloads it later, "
+                "and `wizardchat run -m FILE.gguf` uses a file you have"
             )
-        if not confirm(f"{ref} is not downloaded. Download {what}? [y/N] "):
-            raise UsageError("not downloaded")
-    return pull_quant(model, quant, err)
+    return pull_quant(wanted.model, wanted.quant, err)
+
+
+def _nothing_fits(
+    wanted: Download,
+    machine: Machine,
+    *,
+    named: bool,
+    yes: bool,
+    can_ask: bool,
+    confirm: Confirm,
+    err: TextIO,
+) -> Download:
+    """What to pull when `wanted` does not fit: what runs here, if the user takes it on the
+    terminal; `wanted` itself only when named with its quant and --yes, or confirmed anyway."""
+    why = nothing_fits(wanted, machine)
+    if yes and named:
+        err.write(f"wizardchat: warning: {why}\n")
+        return wanted  # named with its quant and --yes: the user decided
+    instead = what_runs(wanted, machine)
+    if yes or not can_ask:
+        advice = (
+            f"`wizardchat pull {instead.ref}` gets what runs here"
+            if instead
+            else "`--model FILE.gguf` uses a smaller model file you have"
+        )
+        raise NoModelError(f"{wanted.ref} is not downloaded, and {why}: {advice}")
+    err.write(f"{why}\n")
+    if instead is not None:
+        if confirm(f"Download {instead.ref} ({instead.what}) instead? [y/N] "):
+            return instead
+        raise Declined(
+            f"nothing downloaded: `wizardchat run -m {instead.ref}` runs here, "
+            f"`wizardchat pull {wanted.ref}` downloads {wanted.quant.name} anyway, and "
+            "`wizardchat run -m FILE.gguf` uses a file you have"
+        )
+    if confirm(f"Download {wanted.what} anyway, more than this machine can hold? [y/N] "):
+        return wanted
+    raise Declined("nothing downloaded: `wizardchat run -m FILE.gguf` uses a file you have")
 
 
 def confirm_on_terminal(question: str) -> bool:
