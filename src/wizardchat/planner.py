@@ -544,8 +544,9 @@ class Plan:
         return self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
 
     def _bound_label(self) -> str:
+        """The bound once it is known; nothing otherwise (an unmeasured host says nothing)."""
         if self.decode_bound is None:
-            return "decode bound unknown"
+            return ""
         return f"~{_rate(self.decode_bound)} tok/s bound"
 
     def _where(self) -> str:
@@ -579,7 +580,7 @@ class Plan:
         if not self.flash_attn:
             parts.append("flash attn off")
         parts.append(self._bound_label())
-        line = "plan: " + ", ".join(parts)
+        line = "plan: " + ", ".join(p for p in parts if p)
         if not self.fits:
             line += " (over memory: loading may fail)"
         return line
@@ -622,20 +623,12 @@ class Plan:
             f"{name} {_gb(n)}" + _at(self._bandwidth(name)) for name, n in self.read_per_token
         )
         rows.append(("read per token", reads or "nothing"))
-        if self.decode_bound is None:
-            bound = (
-                "unknown: the bandwidth of "
-                + ", ".join(
-                    name for name, _ in self.read_per_token if self._bandwidth(name) is None
-                )
-                + " is not known"
-            )
-        else:
+        if self.decode_bound is not None:  # unknown until every bandwidth is: no row then
             bound = (
                 f"~{_rate(self.decode_bound)} tok/s (memory bandwidth alone; llama.cpp reaches "
                 "roughly 50-85% of it)"
             )
-        rows.append(("decode bound", bound))
+            rows.append(("decode bound", bound))
         rows += [("note", note) for note in self.notes]
         return rows
 
@@ -652,7 +645,7 @@ def _gb(n: float) -> str:
 
 def _at(bandwidth: float | None) -> str:
     if bandwidth is None:
-        return " (bandwidth unknown)"
+        return ""
     if bandwidth >= 1e12:
         return f" at {bandwidth / 1e12:.2f} TB/s"
     return f" at {bandwidth / 1e9:.0f} GB/s"
@@ -941,9 +934,6 @@ def make_plan(
     if not gpus:
         notes.append("no GPU: every layer runs on the CPU from system RAM")
     reads, bound = _reads_and_bound(uses)
-    if bound is None and reads:
-        unknown = [name for name, _ in reads if not _bandwidth_of(uses, name)]
-        notes.append(f"no decode bound: the bandwidth of {', '.join(unknown)} is unknown")
     return Plan(
         n_gpu_layers=ngl if gpus else 0,
         n_cpu_moe=moe,
@@ -969,10 +959,6 @@ def _shares(splits: Sequence[float]) -> tuple[float, ...]:
     if not splits:
         return ()
     return tuple(b - a for a, b in zip((0.0, *splits[:-1]), splits, strict=True))
-
-
-def _bandwidth_of(uses: Sequence[MemoryUse], name: str) -> float | None:
-    return next((u.memory.bandwidth for u in uses if u.memory.name == name), None)
 
 
 def _kv_suggestion(
