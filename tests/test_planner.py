@@ -477,3 +477,16 @@ def test_tiny_model_plan_loads_and_runs_on_the_cpu(tmp_path: Path) -> None:
         assert llm.n_tokens == len(tokens)
     finally:
         llm.close()
+
+
+def test_a_shape_from_a_file_size_lays_the_bytes_out_like_the_real_tensors() -> None:
+    from wizardchat.planner import CATALOG_DIMS, shape_from_size
+
+    sized = shape_from_size(CATALOG_DIMS["wizardlm2-8x22b"], Q4_K_M.total_bytes)
+    assert sized.total_bytes == pytest.approx(Q4_K_M.total_bytes, rel=1e-6)
+    assert sized.expert_bytes == pytest.approx(Q4_K_M.expert_bytes, rel=0.03)
+    assert sized.kv_bytes_per_token("f16", "f16") == Q4_K_M.kv_bytes_per_token("f16", "f16")
+    seven = shape_from_size(CATALOG_DIMS["wizardlm2-7b"], 4_368_438_944)  # dense: no experts
+    assert seven.n_layer == 32 and seven.expert_bytes == 0 and seven.active_fraction == 1.0
+    plan = make_plan(seven, [], ram(32), n_ctx=8192)
+    assert plan.one_line().startswith("plan: all 32 layers in RAM")

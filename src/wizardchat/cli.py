@@ -706,7 +706,7 @@ def doctor(
         from wizardchat.engine.rpc import add_servers
 
         add_servers(settings.rpc)
-    report = doctor_module.collect(settings.model)
+    report = doctor_module.collect(settings.model, _model_source(model, settings.model))
     if json_output:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
@@ -714,6 +714,17 @@ def doctor(
 
         text = doctor_module.render(report)  # paths, GGUF metadata, RPC workers' descriptions
         sys.stdout.write((terminal_safe(text) if is_terminal(sys.stdout) else text) + "\n")
+
+
+def _model_source(flag: str | None, configured: str | None) -> str:
+    """Where a model not given with -m came from, for a report that it is missing."""
+    if flag or not configured:
+        return ""
+    if "WIZARDCHAT_MODEL" in os.environ:
+        return "WIZARDCHAT_MODEL"
+    from wizardchat import paths
+
+    return str(paths.config_file())
 
 
 @app.command()

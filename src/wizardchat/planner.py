@@ -284,7 +284,10 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
     published 85.59 GB; Q8_0 is all Q8_0 except the F32 norms and routers.
     """
     if quant not in _DEFAULT_TYPE:
-        raise UsageError(f"no synthetic shape for {quant}; known: {', '.join(SYNTHETIC_QUANTS)}")
+        raise UsageError(
+            f"the size of WizardLM-2 8x22B {quant} is not known without its file or the hub's "
+            f"listing; known here: {', '.join(SYNTHETIC_QUANTS)}"
+        )
     n_layer, n_embd, n_ff, n_expert, n_vocab = 56, 6144, 16384, 8, 32000
     n_head, n_head_kv, head_dim = 48, 8, 128
     n_embd_kv = n_head_kv * head_dim
@@ -316,6 +319,62 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
         input_bytes=_size(quant, "token_embd", n_vocab * n_embd),
         output_bytes=_size(quant, "output", n_vocab * n_embd) + _tensor_bytes(n_embd, "F32"),
         name=f"WizardLM-2 8x22B {quant}",
+    )
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A model's dimensions (its config.json), enough to lay its tensors out without the file."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int  # 0 for a dense model
+    n_expert_used: int
+    n_vocab: int
+    n_ctx_train: int
+
+
+# The catalog's families (catalog.FAMILIES names): Mixtral-8x22B and Mistral-7B dimensions.
+CATALOG_DIMS = {
+    "wizardlm2-8x22b": Dims(56, 6144, 16384, 48, 8, 128, 8, 2, 32000, 65536),
+    "wizardlm2-7b": Dims(32, 4096, 14336, 32, 8, 128, 0, 0, 32000, 32768),
+}
+
+
+def shape_from_size(dims: Dims, total_bytes: int, name: str = "") -> ModelShape:
+    """A model of these dimensions whose weights come to `total_bytes` (a quant's file size).
+
+    Every tensor gets the file's average bytes per weight: the per-tensor types of a quant
+    (IQ1_S, IQ2_XS...) are not known without its header, but the planner needs the bytes per
+    layer and per part, which the average gives to within a few percent.
+    """
+    d = dims
+    n_embd_kv = d.n_head_kv * d.head_dim
+    attn = 2 * d.n_embd * d.n_head * d.head_dim + 2 * d.n_embd * n_embd_kv
+    norms_router = 2 * d.n_embd + d.n_embd * d.n_expert
+    ffn = 3 * d.n_ff * d.n_embd * max(d.n_expert, 1)
+    shared, experts = (attn + norms_router, ffn) if d.n_expert else (attn + norms_router + ffn, 0)
+    embd = d.n_vocab * d.n_embd
+    params = d.n_layer * (shared + experts) + 2 * embd + d.n_embd
+    per_weight = total_bytes / params
+    layer = LayerSize(round(shared * per_weight), round(experts * per_weight))
+    return ModelShape(
+        n_layer=d.n_layer,
+        n_embd=d.n_embd,
+        n_head=d.n_head,
+        n_head_kv=d.n_head_kv,
+        head_dim=d.head_dim,
+        n_expert=d.n_expert,
+        n_expert_used=d.n_expert_used,
+        n_ctx_train=d.n_ctx_train,
+        layers=(layer,) * d.n_layer,
+        input_bytes=round(embd * per_weight),
+        output_bytes=round((embd + d.n_embd) * per_weight),
+        name=name,
     )
 
 
