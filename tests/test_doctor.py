@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,49 @@ def test_a_model_path_and_the_plan_line_are_each_shown_once(models: Models) -> N
     plan = json.loads(run_cli("doctor", "--json", "-m", str(models.slow)).stdout)["model"]["plan"]
     where = plan["one_line"].removeprefix("plan: ").split(",")[0]
     assert r.stdout.count(where) == 1, r.stdout
+
+
+# --- bench names what it measured; every command shows the load plan once ---------------------
+
+
+def test_bench_names_the_model_quant_and_plan_it_measured(models: Models) -> None:
+    r = run_cli("bench", "-m", str(models.random), "-c", "4096", "--reps", "1")
+    assert r.code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "model: random.gguf, F32", lines[:3]
+    assert lines[1].startswith("plan: all 2 layers in RAM, ctx 4096, KV f16, ~"), lines[:3]
+    bound = re.search(r"~(\d+) tok/s bound$", lines[1])
+    assert bound, lines[1]
+    assert f"of ~{bound.group(1)} tok/s bound" in r.stdout  # the bound beside its fractions
+    assert "plan:" not in r.stderr
+    data = json.loads(
+        run_cli("bench", "-m", str(models.random), "-c", "4096", "--reps", "1", "--json").stdout
+    )
+    assert data["model"] == "random.gguf" and data["quant"] == "F32"
+    assert data["plan_line"].startswith("plan: all 2 layers in RAM")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("ask", "Hi", "-n", "4"),
+        ("bench", "-c", "4096", "--reps", "1"),
+        ("doctor",),
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_terminal_shows_the_load_plan_once(models: Models, args: tuple[str, ...]) -> None:
+    child = pexpect.spawn(
+        WIZARDCHAT,
+        [*args, "-m", str(models.random)],
+        env={**os.environ, "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=90,
+    )
+    try:
+        child.expect(pexpect.EOF)
+        text = child.before or ""
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, text
+    assert len(re.findall(r"all 2 layers in RAM, ctx \d+", text)) == 1, text

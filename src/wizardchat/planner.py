@@ -606,7 +606,7 @@ class Plan:
         """The bound once it is known; nothing otherwise (an unmeasured host says nothing)."""
         if self.decode_bound is None:
             return ""
-        return f"~{_rate(self.decode_bound)} tok/s bound"
+        return f"~{rate_text(self.decode_bound)} tok/s bound"
 
     def _where(self) -> str:
         gpus = self.gpu_uses
@@ -684,7 +684,7 @@ class Plan:
         rows.append(("read per token", reads or "nothing"))
         if self.decode_bound is not None:  # unknown until every bandwidth is: no row then
             bound = (
-                f"~{_rate(self.decode_bound)} tok/s (memory bandwidth alone; llama.cpp reaches "
+                f"~{rate_text(self.decode_bound)} tok/s (memory bandwidth alone; llama.cpp reaches "
                 "roughly 50-85% of it)"
             )
             rows.append(("decode bound", bound))
@@ -710,7 +710,8 @@ def _at(bandwidth: float | None) -> str:
     return f" at {bandwidth / 1e9:.0f} GB/s"
 
 
-def _rate(tok_s: float) -> str:
+def rate_text(tok_s: float) -> str:
+    """A decode speed as the plan writes it: 41, 7.5 (tok/s)."""
     return f"{tok_s:.0f}" if tok_s >= 10 else f"{tok_s:.1f}"
 
 
@@ -1050,7 +1051,7 @@ def _kv_suggestion(
     if alt_ctx == ctx and (alt_ngl, -alt_moe) > (ngl, -moe):
         uses = q8.layout(alt_ngl, alt_moe, alt_ctx)
         bound = _reads_and_bound(uses)[1]
-        gain = f" (~{_rate(bound)} tok/s bound)" if bound else ""
+        gain = f" (~{rate_text(bound)} tok/s bound)" if bound else ""
         more = moe - alt_moe if alt_ngl == ngl else alt_ngl - ngl
         layers = f"{more} more layer{'s' if more > 1 else ''}"
         where = f"experts of {layers} on the GPU" if alt_ngl == ngl else f"{layers} on the GPU"
