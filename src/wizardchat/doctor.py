@@ -63,7 +63,7 @@ def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
         {
             "name": d.name,
             "description": d.description,
-            "kind": d.kind,
+            "kind": d.listed_kind,
             "free_bytes": d.free_bytes,
             "total_bytes": d.total_bytes,
         }
