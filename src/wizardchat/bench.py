@@ -327,10 +327,10 @@ def format_table(
 ) -> list[tuple[str, ...]]:
     """Rows for a table, the header first: test, tok/s (median), runs; "of bound" for tg tests
     when the bound is known; llama-bench's tok/s and ours ÷ its when `compare` is given."""
-    bound = result.bound_tps
+    bound = result.bound_tps if result.bound_tps and result.bound_tps > 0 else None
+    with_bound = bound is not None
     header: tuple[str, ...] = ("test", "tok/s", "runs")
-    with_bound = bound is not None and bound > 0
-    if bound is not None and with_bound:  # the bound beside the fractions of it
+    if bound is not None:  # the bound beside the fractions of it
         header += (f"of ~{rate_text(bound)} tok/s bound",)
     if compare is not None:
         header += ("llama-bench", "ratio")

@@ -154,10 +154,7 @@ def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
     chosen = choose_quant(remote.quants, ref, memory_budget(ref))
     label = f"{ref.repo.rsplit('/', 1)[-1].removesuffix('-GGUF')} {chosen.name}"
     shape = planner.shape_from_size(dims, chosen.size, name=label)
-    return shape, (
-        f"{ref.repo} {chosen.name}, not downloaded (sizes from the hub's listing: "
-        f"{human_size(chosen.size)})"
-    )
+    return shape, f"{ref.repo} {chosen.name}, not downloaded (sizes from the hub's file list)"
 
 
 def plan_report(path: Path | None, ref: ModelRef | None) -> dict[str, Any]:
