@@ -15,6 +15,7 @@ from conftest import WIZARDCHAT, Models, Result, run_cli
 from hub_server import FakeFile, FakeHub, hub_env
 
 from wizardchat import doctor
+from wizardchat.errors import ExitCode
 
 
 def test_doctor_json_reports_install_machine_and_plan(models: Models) -> None:
@@ -234,17 +235,17 @@ def test_a_model_path_and_the_plan_line_are_each_shown_once(models: Models) -> N
 
 
 def test_bench_names_the_model_quant_and_plan_it_measured(models: Models) -> None:
-    r = run_cli("bench", "-m", str(models.random), "-c", "4096", "--reps", "1")
+    r = run_cli("bench", "-m", str(models.random), "-c", "1024", "--reps", "1")
     assert r.code == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "model: random.gguf, F32", lines[:3]
-    assert lines[1].startswith("plan: all 2 layers in RAM, ctx 4096, KV f16, ~"), lines[:3]
+    assert lines[1].startswith("plan: all 2 layers in RAM, ctx 1024, KV f16, ~"), lines[:3]
     bound = re.search(r"~(\d+) tok/s bound$", lines[1])
     assert bound, lines[1]
     assert f"of ~{bound.group(1)} tok/s bound" in r.stdout  # the bound beside its fractions
     assert "plan:" not in r.stderr
     data = json.loads(
-        run_cli("bench", "-m", str(models.random), "-c", "4096", "--reps", "1", "--json").stdout
+        run_cli("bench", "-m", str(models.random), "-c", "1024", "--reps", "1", "--json").stdout
     )
     assert data["model"] == "random.gguf" and data["quant"] == "F32"
     assert data["plan_line"].startswith("plan: all 2 layers in RAM")
@@ -254,7 +255,7 @@ def test_bench_names_the_model_quant_and_plan_it_measured(models: Models) -> Non
     "args",
     [
         ("ask", "Hi", "-n", "4"),
-        ("bench", "-c", "4096", "--reps", "1"),
+        ("bench", "-c", "1024", "--reps", "1"),  # 1024: no pp2048, no depth test
         ("doctor",),
     ],
     ids=lambda a: a[0],
@@ -265,7 +266,7 @@ def test_a_terminal_shows_the_load_plan_once(models: Models, args: tuple[str, ..
         [*args, "-m", str(models.random)],
         env={**os.environ, "TERM": "dumb"},
         encoding="utf-8",
-        timeout=90,
+        timeout=240,  # a loaded test machine
     )
     try:
         child.expect(pexpect.EOF)
@@ -274,3 +275,10 @@ def test_a_terminal_shows_the_load_plan_once(models: Models, args: tuple[str, ..
         child.close(force=True)
     assert child.exitstatus == 0, text
     assert len(re.findall(r"all 2 layers in RAM, ctx \d+", text)) == 1, text
+
+
+def test_a_model_file_given_with_m_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.gguf"
+    r = run_cli("doctor", "-m", str(missing))
+    assert r.code == ExitCode.NO_MODEL, (r.code, r.stdout)
+    assert r.stderr == f"wizardchat: error: model file not found: {missing}\n"

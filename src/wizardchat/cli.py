@@ -707,6 +707,8 @@ def doctor(
     from wizardchat.catalog import parse_ref
 
     if settings.model and isinstance(local := parse_ref(settings.model), Path):
+        if model and not local.exists():  # a typo in -m; a configured one is reported instead
+            raise NoModelError(f"model file not found: {local}")
         _check_model_file(local)  # reading a FIFO's header would wait forever
     if settings.rpc:
         from wizardchat.engine.rpc import add_servers
