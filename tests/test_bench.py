@@ -145,14 +145,14 @@ def test_format_table_plain() -> None:
 
 def test_format_table_with_bound_and_llama_bench() -> None:
     assert bench.format_table(_result(64.0)) == [
-        ("test", "tok/s", "runs", "of bound"),
+        ("test", "tok/s", "runs", "of ~64 tok/s bound"),
         ("pp512", "512.00", "3", ""),
         ("tg128", "48.00", "2", "75%"),
         ("tg128 @ d4096", "16.00", "1", "25%"),
     ]
     compare = {"pp512": 1024.0, "tg128": 40.0, "pp2048": 900.0}
     assert bench.format_table(_result(64.0), compare) == [
-        ("test", "tok/s", "runs", "of bound", "llama-bench", "ratio"),
+        ("test", "tok/s", "runs", "of ~64 tok/s bound", "llama-bench", "ratio"),
         ("pp512", "512.00", "3", "", "1024.00", "0.50"),
         ("tg128", "48.00", "2", "75%", "40.00", "1.20"),
         ("tg128 @ d4096", "16.00", "1", "25%", "-", "-"),

@@ -244,8 +244,18 @@ def test_an_rpc_server_counts_like_a_gpu_and_its_unknown_bandwidth_leaves_no_bou
     assert dict(plan.placement)["RPC[10.0.0.2:50052]"] > 40e9
     assert plan.decode_bound is None
     assert "RPC[10.0.0.2:50052] (" in plan.one_line()
-    assert plan.one_line().endswith("decode bound unknown")
-    assert any("RPC[10.0.0.2:50052] is unknown" in n for n in plan.notes)
+    assert plan.one_line().endswith("KV f16")  # no bound, and no words about its absence
+
+
+def test_an_unknown_bound_is_left_out_of_every_line_not_announced() -> None:
+    plan = make_plan(Q4_K_M, [gpu(80, 3.35e12)], ram(128, bandwidth=None), n_ctx=16384)
+    assert plan.decode_bound is None
+    text = "\n".join([plan.one_line(), *(f"{k} {v}" for k, v in plan.rows())])
+    assert "bound" not in text and "unknown" not in text, text
+    assert "RAM " in dict(plan.rows())["read per token"]
+    known = make_plan(Q4_K_M, [gpu(80, 3.35e12)], ram(128), n_ctx=16384)
+    assert known.one_line().endswith(f"~{known.decode_bound:.0f} tok/s bound")
+    assert dict(known.rows())["decode bound"].startswith(f"~{known.decode_bound:.0f} tok/s")
 
 
 # ------------------------------------------------------------------ bytes per token and bounds
@@ -467,3 +477,16 @@ def test_tiny_model_plan_loads_and_runs_on_the_cpu(tmp_path: Path) -> None:
         assert llm.n_tokens == len(tokens)
     finally:
         llm.close()
+
+
+def test_a_shape_from_a_file_size_lays_the_bytes_out_like_the_real_tensors() -> None:
+    from wizardchat.planner import CATALOG_DIMS, shape_from_size
+
+    sized = shape_from_size(CATALOG_DIMS["wizardlm2-8x22b"], Q4_K_M.total_bytes)
+    assert sized.total_bytes == pytest.approx(Q4_K_M.total_bytes, rel=1e-6)
+    assert sized.expert_bytes == pytest.approx(Q4_K_M.expert_bytes, rel=0.03)
+    assert sized.kv_bytes_per_token("f16", "f16") == Q4_K_M.kv_bytes_per_token("f16", "f16")
+    seven = shape_from_size(CATALOG_DIMS["wizardlm2-7b"], 4_368_438_944)  # dense: no experts
+    assert seven.n_layer == 32 and seven.expert_bytes == 0 and seven.active_fraction == 1.0
+    plan = make_plan(seven, [], ram(32), n_ctx=8192)
+    assert plan.one_line().startswith("plan: all 32 layers in RAM")

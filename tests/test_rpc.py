@@ -131,6 +131,7 @@ log = io.StringIO()
 engine = LlamaEngine(settings, progress=None, log=log)
 stream = engine.stream(engine.tokenize("Hello world"), 16, threading.Event())
 out["tokens"] = [token for token, _ in stream]
+out["show"] = dict(engine.describe())
 engine.close()
 out["log"] = log.getvalue()
 print(json.dumps(out))
@@ -172,6 +173,8 @@ def test_model_split_over_two_workers_generates_the_local_tokens(
     assert f"RPC0[{workers[1]}] model buffer size" in log
     assert f"RPC0[{workers[0]}] KV buffer size" in log
     assert "RPC" not in str(local["log"])
+    offload = remote["show"]["GPU offload"]  # type: ignore[index]
+    assert f"RPC0 (RPC worker {workers[0]})" in offload and "CPU" not in offload, offload
 
     tokens = remote["tokens"]
     assert isinstance(tokens, list) and len(tokens) == 16
@@ -481,3 +484,16 @@ def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
     (line,) = r.stderr.splitlines()
     assert line.startswith("wizardchat: error: llama.cpp stopped on an internal error: ")
     assert "ggml-rpc.cpp:" in line and "/ggml-rpc.cpp" not in line  # no build path
+
+
+@requires_rpc
+def test_doctor_lists_a_worker_as_rpc_not_as_a_gpu(models: Models, workers: list[str]) -> None:
+    # The workers serve their CPU; llama.cpp types every RPC device GPU whatever it serves.
+    r = run_cli("doctor", "--json", "--rpc", workers[0], "-m", str(models.random))
+    assert r.code == 0, r.stderr[-2000:]
+    devices = {d["name"]: d for d in json.loads(r.stdout)["devices"]}
+    assert devices["RPC0"]["kind"] == "RPC" and devices["RPC0"]["description"] == workers[0]
+    text = run_cli("doctor", "--rpc", workers[0], "-m", str(models.random))
+    assert text.code == 0, text.stderr[-2000:]
+    line = next(x for x in text.stdout.splitlines() if x.strip().startswith("RPC0"))
+    assert line.split()[1] == "RPC" and "GPU" not in line, line

@@ -232,6 +232,14 @@ def test_doctor_on_a_terminal_shows_a_path_safely(evil_model: Path, tmp_path: Pa
     assert r"m\x1b]0;t\x07.gguf" in received
 
 
+def test_bench_on_a_terminal_names_the_model_safely(evil_model: Path, tmp_path: Path) -> None:
+    named = tmp_path / "m\x1b]0;t\x07.gguf"
+    named.symlink_to(evil_model)
+    received = run_on_terminal("bench", "-m", str(named), "-c", "512", "--reps", "1")
+    assert_safe(received, (*RAW, "\x1b]0;"))
+    assert r"model: m\x1b]0;t\x07.gguf" in received
+
+
 # --- the REPL in a pty -----------------------------------------------------------------------
 
 

@@ -33,6 +33,8 @@ import llama_cpp
 
 from wizardchat.engine.llama_engine import LlamaEngine
 from wizardchat.engine.model import CountingLlama, LoadPlan
+from wizardchat.gguf_file import quant_name
+from wizardchat.planner import rate_text
 
 PP_SIZES = (512, 2048)
 TG_TOKENS = 128
@@ -92,6 +94,8 @@ class BenchResult:
     bound_tps: float | None  # the plan's decode bound from memory bandwidth, when known
     depth: int = 0  # depth of the deep tg test; 0 when it was skipped
     notes: list[str] = field(default_factory=list)  # tests skipped, and why
+    quant: str = ""  # the file's quantization (general.file_type), e.g. Q4_K_M
+    plan_line: str = ""  # the load plan in one line, as the chat shows it at start
 
     def fraction_of_bound(self, m: Measurement) -> float | None:
         """A tg test's median speed as a fraction of the bandwidth bound (None: not known)."""
@@ -103,6 +107,8 @@ class BenchResult:
         """Plain data for --json."""
         return {
             "model": self.model,
+            "quant": self.quant,
+            "plan_line": self.plan_line,
             "plan": self.plan,
             "bound_tokens_per_second": self.bound_tps,
             "depth": self.depth,
@@ -289,14 +295,28 @@ def run_bench(
     finally:
         runner.clear()
 
+    model, quant, plan_line = measured(engine)
     return BenchResult(
-        model=engine.model_name,
+        model=model,
         plan=plan_dict(engine.plan),
         measurements=measurements,
         bound_tps=bound_tps,
         depth=depth,
         notes=notes,
+        quant=quant,
+        plan_line=plan_line,
     )
+
+
+def measured(engine: LlamaEngine) -> tuple[str, str, str]:
+    """What a bench of `engine` measures: the file's name, its quant and the plan line."""
+    return engine.model_name, quant_name(engine.info), engine.plan_line()
+
+
+def heading(engine: LlamaEngine) -> list[str]:
+    """The lines above the table: which model and quant, and the plan they ran under."""
+    model, quant, plan_line = measured(engine)
+    return [f"model: {model}, {quant}", plan_line]
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -307,10 +327,11 @@ def format_table(
 ) -> list[tuple[str, ...]]:
     """Rows for a table, the header first: test, tok/s (median), runs; "of bound" for tg tests
     when the bound is known; llama-bench's tok/s and ours ÷ its when `compare` is given."""
-    with_bound = bool(result.bound_tps and result.bound_tps > 0)
+    bound = result.bound_tps if result.bound_tps and result.bound_tps > 0 else None
+    with_bound = bound is not None
     header: tuple[str, ...] = ("test", "tok/s", "runs")
-    if with_bound:
-        header += ("of bound",)
+    if bound is not None:  # the bound beside the fractions of it
+        header += (f"of ~{rate_text(bound)} tok/s bound",)
     if compare is not None:
         header += ("llama-bench", "ratio")
     rows: list[tuple[str, ...]] = [header]

@@ -185,10 +185,15 @@ def _llama_log(settings: Settings) -> Iterator[IO[str]]:
 
 
 @contextmanager
-def _engine(settings: Settings, verbose_prompt: bool) -> Iterator[tuple[LlamaEngine, ChatSession]]:
-    """Load the model with its log open; free it before the log closes (freeing logs too)."""
+def _engine(
+    settings: Settings, verbose_prompt: bool, plan_line: bool = True
+) -> Iterator[tuple[LlamaEngine, ChatSession]]:
+    """Load the model with its log open; free it before the log closes (freeing logs too).
+
+    `plan_line` False: the command shows the plan itself (bench's heading), not on stderr.
+    """
     with _llama_log(settings) as log:
-        engine = _open_engine(settings, log)
+        engine = _open_engine(settings, log, plan_line)
         try:
             yield engine, _session(engine, settings, verbose_prompt)
         finally:
@@ -198,7 +203,7 @@ def _engine(settings: Settings, verbose_prompt: bool) -> Iterator[tuple[LlamaEng
             route_llama_log(None)
 
 
-def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
+def _open_engine(settings: Settings, log: IO[str], plan_line: bool = True) -> LlamaEngine:
     from wizardchat.engine.llama_engine import LlamaEngine
     from wizardchat.render import LoadProgress
 
@@ -210,7 +215,8 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
         if bar:
             bar.done()
     plan = engine.plan
-    if sys.stderr.isatty() or settings.verbose:  # a pipe's reader wants the reply, not chatter
+    # A pipe's reader wants the reply, not chatter.
+    if plan_line and (sys.stderr.isatty() or settings.verbose):
         _err(engine.plan_line())
     if plan.ctx_capped:
         n_train = engine.info.arch_value("context_length", 0)
@@ -718,12 +724,14 @@ def doctor(
     from wizardchat.catalog import parse_ref
 
     if settings.model and isinstance(local := parse_ref(settings.model), Path):
+        if model and not local.exists():  # a typo in -m; a configured one is reported instead
+            raise NoModelError(f"model file not found: {local}")
         _check_model_file(local)  # reading a FIFO's header would wait forever
     if settings.rpc:
         from wizardchat.engine.rpc import add_servers
 
         add_servers(settings.rpc)
-    report = doctor_module.collect(settings.model)
+    report = doctor_module.collect(settings.model, _model_source(model, settings.model))
     if json_output:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
@@ -731,6 +739,17 @@ def doctor(
 
         text = doctor_module.render(report)  # paths, GGUF metadata, RPC workers' descriptions
         sys.stdout.write((terminal_safe(text) if is_terminal(sys.stdout) else text) + "\n")
+
+
+def _model_source(flag: str | None, configured: str | None) -> str:
+    """Where a model not given with -m came from, for a report that it is missing."""
+    if flag or not configured:
+        return ""
+    if "WIZARDCHAT_MODEL" in os.environ:
+        return "WIZARDCHAT_MODEL"
+    from wizardchat import paths
+
+    return str(paths.config_file())
 
 
 @app.command()
@@ -771,7 +790,15 @@ def bench(
     from wizardchat.planner import measure_ram_bandwidth
 
     remember_ram_bandwidth(measure_ram_bandwidth())  # for the plan's decode bound
-    with _engine(settings, verbose_prompt=False) as (engine, _):
+    # Text: the heading names the model, quant and plan first, so stderr does not repeat it.
+    with _engine(settings, verbose_prompt=False, plan_line=json_output) as (engine, _):
+        if not json_output:
+            from wizardchat.safe_text import is_terminal, terminal_safe
+
+            heading = "\n".join(bench_module.heading(engine))  # a file name: any bytes
+            safe = terminal_safe(heading) if is_terminal(sys.stdout) else heading
+            sys.stdout.write(safe + "\n")
+            sys.stdout.flush()
         bound = engine.offload_plan.decode_bound if engine.offload_plan else None
         result = bench_module.run_bench(engine, reps=reps, bound_tps=bound, progress=_err)
         against: dict[str, float] | None = None

@@ -6,11 +6,21 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wizardchat import __version__
-from wizardchat.catalog import DEFAULT_QUANT, ModelRef, human_size, parse_ref
-from wizardchat.errors import WizardchatError
+from wizardchat.catalog import (
+    DEFAULT_FAMILY,
+    DEFAULT_QUANT,
+    ModelRef,
+    choose_quant,
+    human_size,
+    parse_ref,
+)
+from wizardchat.errors import NoModelError, WizardchatError
+
+if TYPE_CHECKING:
+    from wizardchat.planner import ModelShape
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Backends worth having, and the build flag that adds each one.
@@ -40,8 +50,9 @@ def _wanted_backends() -> list[str]:
     return wanted
 
 
-def collect(model: str | None) -> dict[str, Any]:
-    """Everything doctor reports, as plain data (the --json output)."""
+def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
+    """Everything doctor reports, as plain data (the --json output); `model_source` says where
+    a configured model came from (WIZARDCHAT_MODEL, the config file)."""
     import llama_cpp
 
     from wizardchat import hardware
@@ -52,7 +63,7 @@ def collect(model: str | None) -> dict[str, Any]:
         {
             "name": d.name,
             "description": d.description,
-            "kind": d.kind,
+            "kind": d.listed_kind,
             "free_bytes": d.free_bytes,
             "total_bytes": d.total_bytes,
         }
@@ -83,22 +94,32 @@ def collect(model: str | None) -> dict[str, Any]:
             "system": f"{platform.system()} {platform.machine()}",
         },
     }
-    report["model"] = _model_report(model)
+    report["model"] = _model_report(model, model_source)
     return report
 
 
-def _model_report(text: str | None) -> dict[str, Any]:
-    """The model doctor plans for: the local file if there is one, else the catalog's shape."""
+def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
+    """The model doctor plans for: the file given, the cached copy of a reference, else the
+    reference's size from the hub (or, for 8x22B's common quants, from llama.cpp's rules).
+
+    `source` says where a configured model came from (WIZARDCHAT_MODEL, the config file), for
+    the line that reports a file that is not there.
+    """
     from wizardchat import hub
 
-    ref_or_path = parse_ref(text or "wizardlm2-8x22b")
+    reference = text or DEFAULT_FAMILY
+    report: dict[str, Any] = {"reference": reference, "path": ""}
+    ref_or_path = parse_ref(reference)
     path: Path | None
     if isinstance(ref_or_path, Path):
+        if not ref_or_path.exists():
+            report["missing"] = "no such file" + (f" (set by {source})" if source else "")
+            return report
         path, ref = ref_or_path, None
     else:
         ref = ref_or_path
         path = hub.resolve_local(ref)
-    report: dict[str, Any] = {"reference": text or "wizardlm2-8x22b", "path": str(path or "")}
+    report["path"] = str(path or "")
     try:
         report["plan"] = plan_report(path, ref)
     except WizardchatError as e:
@@ -106,18 +127,47 @@ def _model_report(text: str | None) -> dict[str, Any]:
     return report
 
 
+def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
+    """The shape of a reference that is not on this machine, and where its sizes came from."""
+    from wizardchat import hub, planner
+    from wizardchat.pulling import memory_budget
+
+    family = ref.family.name if ref.family else ""
+    quant = ref.quant or (DEFAULT_QUANT if family == DEFAULT_FAMILY else None)
+    if family == DEFAULT_FAMILY and quant in planner.SYNTHETIC_QUANTS:
+        shape = planner.wizardlm2_8x22b_shape(quant)
+        return shape, (
+            f"WizardLM-2 8x22B {quant}, not downloaded (sizes from llama.cpp's quantization rules)"
+        )
+    dims = planner.CATALOG_DIMS.get(family)
+    if dims is None:
+        raise NoModelError(
+            f"{ref} is not downloaded and its shape is not in wizardchat's catalog: "
+            f"`wizardchat pull {ref}`, then doctor reads the file's header"
+        )
+    try:
+        remote = hub.list_remote(ref)
+    except WizardchatError as e:
+        raise NoModelError(
+            f"{ref} is not downloaded, so its size comes from the hub's file list: {e}"
+        ) from e
+    chosen = choose_quant(remote.quants, ref, memory_budget(ref))
+    label = f"{ref.repo.rsplit('/', 1)[-1].removesuffix('-GGUF')} {chosen.name}"
+    shape = planner.shape_from_size(dims, chosen.size, name=label)
+    return shape, f"{ref.repo} {chosen.name}, not downloaded (sizes from the hub's file list)"
+
+
 def plan_report(path: Path | None, ref: ModelRef | None) -> dict[str, Any]:
     """The automatic plan for this machine, as rows and numbers."""
     from wizardchat import planner
     from wizardchat.gguf_file import inspect_model
 
-    if path is not None and path.exists():
+    if path is not None:
         shape = planner.shape_from_gguf(inspect_model(path))
         source = f"{path.name} (tensor sizes from its header)"
     else:
-        quant = (ref.quant if ref else None) or DEFAULT_QUANT
-        shape = planner.wizardlm2_8x22b_shape(quant)
-        source = f"WizardLM-2 8x22B {quant}, not downloaded (tensor sizes of its shape)"
+        assert ref is not None
+        shape, source = _shape_not_downloaded(ref)
     from wizardchat.engine import ggml
     from wizardchat.engine.offload import remembered_ram_bandwidth
 
@@ -160,12 +210,15 @@ def render(report: dict[str, Any]) -> str:
         f"{host['ram_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s (measured now, rough)"
     )
     model = report["model"]
-    lines.append(f"model: {model['reference']}" + (f" at {model['path']}" if model["path"] else ""))
+    if model.get("missing"):
+        lines.append(f"model: {model['reference']}: missing: {model['missing']}")
+        return "\n".join(lines)
+    at = model["path"] if model["path"] != model["reference"] else ""  # not "X at X"
+    lines.append(f"model: {model['reference']}" + (f" at {at}" if at else ""))
     if "plan" in model:
         plan = model["plan"]
         lines.append(f"  {plan['source']}, {human_size(plan['model_bytes'])}")
-        lines.append(f"  {plan['one_line']}")
-        width = max(len(k) for k, _ in plan["rows"])
+        width = max(len(k) for k, _ in plan["rows"])  # the first row is the plan's one line
         lines += [f"    {k:<{width}}  {v}" for k, v in plan["rows"]]
     else:
         lines.append(f"  no plan: {model['plan_error']}")

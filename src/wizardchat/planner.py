@@ -284,7 +284,10 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
     published 85.59 GB; Q8_0 is all Q8_0 except the F32 norms and routers.
     """
     if quant not in _DEFAULT_TYPE:
-        raise UsageError(f"no synthetic shape for {quant}; known: {', '.join(SYNTHETIC_QUANTS)}")
+        raise UsageError(
+            f"the size of WizardLM-2 8x22B {quant} is not known without its file or the hub's "
+            f"listing; known here: {', '.join(SYNTHETIC_QUANTS)}"
+        )
     n_layer, n_embd, n_ff, n_expert, n_vocab = 56, 6144, 16384, 8, 32000
     n_head, n_head_kv, head_dim = 48, 8, 128
     n_embd_kv = n_head_kv * head_dim
@@ -316,6 +319,62 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
         input_bytes=_size(quant, "token_embd", n_vocab * n_embd),
         output_bytes=_size(quant, "output", n_vocab * n_embd) + _tensor_bytes(n_embd, "F32"),
         name=f"WizardLM-2 8x22B {quant}",
+    )
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A model's dimensions (its config.json), enough to lay its tensors out without the file."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int  # 0 for a dense model
+    n_expert_used: int
+    n_vocab: int
+    n_ctx_train: int
+
+
+# The catalog's families (catalog.FAMILIES names): Mixtral-8x22B and Mistral-7B dimensions.
+CATALOG_DIMS = {
+    "wizardlm2-8x22b": Dims(56, 6144, 16384, 48, 8, 128, 8, 2, 32000, 65536),
+    "wizardlm2-7b": Dims(32, 4096, 14336, 32, 8, 128, 0, 0, 32000, 32768),
+}
+
+
+def shape_from_size(dims: Dims, total_bytes: int, name: str = "") -> ModelShape:
+    """A model of these dimensions whose weights come to `total_bytes` (a quant's file size).
+
+    Every tensor gets the file's average bytes per weight: the per-tensor types of a quant
+    (IQ1_S, IQ2_XS...) are not known without its header, but the planner needs the bytes per
+    layer and per part, which the average gives to within a few percent.
+    """
+    d = dims
+    n_embd_kv = d.n_head_kv * d.head_dim
+    attn = 2 * d.n_embd * d.n_head * d.head_dim + 2 * d.n_embd * n_embd_kv
+    norms_router = 2 * d.n_embd + d.n_embd * d.n_expert
+    ffn = 3 * d.n_ff * d.n_embd * max(d.n_expert, 1)
+    shared, experts = (attn + norms_router, ffn) if d.n_expert else (attn + norms_router + ffn, 0)
+    embd = d.n_vocab * d.n_embd
+    params = d.n_layer * (shared + experts) + 2 * embd + d.n_embd
+    per_weight = total_bytes / params
+    layer = LayerSize(round(shared * per_weight), round(experts * per_weight))
+    return ModelShape(
+        n_layer=d.n_layer,
+        n_embd=d.n_embd,
+        n_head=d.n_head,
+        n_head_kv=d.n_head_kv,
+        head_dim=d.head_dim,
+        n_expert=d.n_expert,
+        n_expert_used=d.n_expert_used,
+        n_ctx_train=d.n_ctx_train,
+        layers=(layer,) * d.n_layer,
+        input_bytes=round(embd * per_weight),
+        output_bytes=round((embd + d.n_embd) * per_weight),
+        name=name,
     )
 
 
@@ -544,9 +603,10 @@ class Plan:
         return self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
 
     def _bound_label(self) -> str:
+        """The bound once it is known; nothing otherwise (an unmeasured host says nothing)."""
         if self.decode_bound is None:
-            return "decode bound unknown"
-        return f"~{_rate(self.decode_bound)} tok/s bound"
+            return ""
+        return f"~{rate_text(self.decode_bound)} tok/s bound"
 
     def _where(self) -> str:
         gpus = self.gpu_uses
@@ -579,7 +639,7 @@ class Plan:
         if not self.flash_attn:
             parts.append("flash attn off")
         parts.append(self._bound_label())
-        line = "plan: " + ", ".join(parts)
+        line = "plan: " + ", ".join(p for p in parts if p)
         if not self.fits:
             line += " (over memory: loading may fail)"
         return line
@@ -622,20 +682,12 @@ class Plan:
             f"{name} {_gb(n)}" + _at(self._bandwidth(name)) for name, n in self.read_per_token
         )
         rows.append(("read per token", reads or "nothing"))
-        if self.decode_bound is None:
+        if self.decode_bound is not None:  # unknown until every bandwidth is: no row then
             bound = (
-                "unknown: the bandwidth of "
-                + ", ".join(
-                    name for name, _ in self.read_per_token if self._bandwidth(name) is None
-                )
-                + " is not known"
-            )
-        else:
-            bound = (
-                f"~{_rate(self.decode_bound)} tok/s (memory bandwidth alone; llama.cpp reaches "
+                f"~{rate_text(self.decode_bound)} tok/s (memory bandwidth alone; llama.cpp reaches "
                 "roughly 50-85% of it)"
             )
-        rows.append(("decode bound", bound))
+            rows.append(("decode bound", bound))
         rows += [("note", note) for note in self.notes]
         return rows
 
@@ -652,13 +704,14 @@ def _gb(n: float) -> str:
 
 def _at(bandwidth: float | None) -> str:
     if bandwidth is None:
-        return " (bandwidth unknown)"
+        return ""
     if bandwidth >= 1e12:
         return f" at {bandwidth / 1e12:.2f} TB/s"
     return f" at {bandwidth / 1e9:.0f} GB/s"
 
 
-def _rate(tok_s: float) -> str:
+def rate_text(tok_s: float) -> str:
+    """A decode speed as the plan writes it: 41, 7.5 (tok/s)."""
     return f"{tok_s:.0f}" if tok_s >= 10 else f"{tok_s:.1f}"
 
 
@@ -941,9 +994,6 @@ def make_plan(
     if not gpus:
         notes.append("no GPU: every layer runs on the CPU from system RAM")
     reads, bound = _reads_and_bound(uses)
-    if bound is None and reads:
-        unknown = [name for name, _ in reads if not _bandwidth_of(uses, name)]
-        notes.append(f"no decode bound: the bandwidth of {', '.join(unknown)} is unknown")
     return Plan(
         n_gpu_layers=ngl if gpus else 0,
         n_cpu_moe=moe,
@@ -969,10 +1019,6 @@ def _shares(splits: Sequence[float]) -> tuple[float, ...]:
     if not splits:
         return ()
     return tuple(b - a for a, b in zip((0.0, *splits[:-1]), splits, strict=True))
-
-
-def _bandwidth_of(uses: Sequence[MemoryUse], name: str) -> float | None:
-    return next((u.memory.bandwidth for u in uses if u.memory.name == name), None)
 
 
 def _kv_suggestion(
@@ -1005,7 +1051,7 @@ def _kv_suggestion(
     if alt_ctx == ctx and (alt_ngl, -alt_moe) > (ngl, -moe):
         uses = q8.layout(alt_ngl, alt_moe, alt_ctx)
         bound = _reads_and_bound(uses)[1]
-        gain = f" (~{_rate(bound)} tok/s bound)" if bound else ""
+        gain = f" (~{rate_text(bound)} tok/s bound)" if bound else ""
         more = moe - alt_moe if alt_ngl == ngl else alt_ngl - ngl
         layers = f"{more} more layer{'s' if more > 1 else ''}"
         where = f"experts of {layers} on the GPU" if alt_ngl == ngl else f"{layers} on the GPU"

@@ -64,6 +64,12 @@ class Device:
     total_bytes: int
     backend: str = ""  # the backend that registered it: "CPU", "CUDA", "RPC"...
 
+    @property
+    def listed_kind(self) -> str:
+        """The kind to show a person: "RPC" for a worker's device, which llama.cpp types GPU
+        whatever the worker serves (its CPU too); otherwise llama.cpp's type (CPU, GPU...)."""
+        return "RPC" if self.backend == "RPC" else self.kind
+
 
 def devices() -> list[Device]:
     """All devices the ggml backends registered, in llama.cpp's order."""

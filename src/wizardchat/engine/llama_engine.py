@@ -90,7 +90,11 @@ class LlamaEngine:
             n_expert=int(self.info.arch_value("expert_count", 0)),
             n_expert_used=int(self.info.arch_value("expert_used_count", 0)),
             n_ctx_train=int(self.info.arch_value("context_length", 0)),
-            gpus=[f"{d.name} ({d.description})" for d in ggml.devices() if d.kind == "GPU"],
+            gpus=[  # the devices layers can go to: GPUs and RPC workers, named as such
+                f"{d.name} ({'RPC worker ' if d.listed_kind == 'RPC' else ''}{d.description})"
+                for d in ggml.devices()
+                if d.kind == "GPU"
+            ],
         )
 
     def close(self) -> None:
