@@ -211,10 +211,16 @@ def test_the_exit_hint_names_the_model_when_the_file_does_not(
     chat.kill()
 
 
-def test_batch_mode_says_how_to_continue(models: Models) -> None:
+def test_batch_mode_says_how_to_continue(models: Models, isolated_home: Path) -> None:
     r = run_cli("run", "-m", str(models.scripted), "--session", "job", stdin="one\n")
     assert r.code == 0
     assert "saved as 'job' · wizardchat run --resume continues it" in r.stderr, r.stderr
+    # /reset saves the new conversation under a new name, with the model too.
+    r = run_cli("run", "--session", "job", stdin="two\n/reset\nthree\n")
+    assert r.code == 0, r.stderr
+    new = re.search(r"saved as '(chat-[\d-]+)' · wizardchat run --resume continues it", r.stderr)
+    assert new, r.stderr
+    assert saved(isolated_home, new.group(1))["model_ref"] == str(models.scripted)
 
 
 # --- 2. sessions rm with several names ---------------------------------------------------------
