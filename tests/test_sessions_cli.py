@@ -318,3 +318,14 @@ def test_ask_json_and_jsonl_records_share_their_fields(models: Models) -> None:
     assert line["finish"] == one["finish"] == "eos"
     assert set(line["timings"]) == set(one["timings"])
     assert line["model"] == one["model"] == models.scripted.name
+
+
+def test_load_of_a_session_held_with_another_model_says_how_to_reopen_it_with_that(
+    models: Models, chats: type[Chat]
+) -> None:
+    assert run_cli("run", "-m", str(models.scripted), "--session", "s", stdin="one\n").code == 0
+    chat = chats("-m", str(models.random), "--plain")
+    out = chat.send("/load s")
+    assert f"it was held with {models.scripted}" in out, out
+    assert "wizardchat run --session s reopens it with that model" in out, out
+    chat.kill()

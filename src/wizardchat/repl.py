@@ -384,7 +384,13 @@ class Repl:
             f"continuing '{saved.name}': {_plural(len(turns), 'turn')}"
             + (f" ({skipped} earlier not shown)" if skipped else "")
         )
-        if saved.model and saved.model != self.engine.model_name:
+        if saved.model_ref and self.model_ref and saved.model_ref != self.model_ref:
+            # The model stays loaded; its own model is one command away.
+            self.out.note(
+                f"(it was held with {saved.model_ref}; wizardchat run --session {saved.name} "
+                "reopens it with that model)"
+            )
+        elif saved.model and saved.model != self.engine.model_name:
             self.out.note(f"(it was held with {saved.model})")
         for t in turns[skipped:]:
             self.out.past_turn(t.user, t.reply + (" [interrupted]" if t.interrupted else ""))
