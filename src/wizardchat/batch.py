@@ -14,7 +14,7 @@ from wizardchat.inputs import check_fits, repair_text
 from wizardchat.recording import Recording, free_name
 from wizardchat.render import stream_plain
 from wizardchat.safe_text import json_safe
-from wizardchat.session import ChatSession
+from wizardchat.session import ChatSession, TurnResult
 from wizardchat.signals import Termination
 
 
@@ -51,7 +51,10 @@ class Batch:
         if self.recording is not None and had_turns:
             old = self.recording.name
             name = free_name(self.recording.store)
-            self.recording = Recording(self.recording.store, name, self.recording.model)
+            old_recording = self.recording
+            self.recording = Recording(
+                old_recording.store, name, old_recording.model, model_ref=old_recording.model_ref
+            )
             self.error(f"new conversation, saved as '{name}' ('{old}' keeps the previous one)")
 
     def answer(self, text: str) -> Iterator[str]:
@@ -70,6 +73,22 @@ class Batch:
         last = self.session.last
         if last is not None and last.context_full:
             self.error(last.context_full_note())
+
+
+def answer_record(reply: str, model: str, last: TurnResult) -> dict[str, Any]:
+    """One answer as JSON, the same fields for `ask --json` and each `run --jsonl` line.
+
+    No total time: it is `timings.prompt_seconds + timings.decode_seconds`.
+    """
+    return {
+        "reply": reply,
+        "model": model,
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "evaluated_tokens": last.evaluated_tokens,
+        "finish": last.finish,
+        "timings": last.timings,
+    }
 
 
 def _slash_command(batch: Batch, line: str) -> None:
@@ -176,11 +195,7 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
             assert last is not None
             answer: dict[str, Any] = {
                 "prompt": record["prompt"],
-                "reply": reply,
-                "prompt_tokens": last.prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "evaluated_tokens": last.evaluated_tokens,
-                "seconds": round(last.seconds, 4),
+                **answer_record(reply, session.engine.model_name, last),
             }
             result.answered += 1
         except (UsageError, ContextError) as e:

@@ -29,6 +29,7 @@ from wizardchat.errors import (
     ExitCode,
     NoModelError,
     OutputError,
+    SessionError,
     UsageError,
     WizardchatError,
 )
@@ -134,6 +135,13 @@ def _err(message: str) -> None:
 
 def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False) -> Settings:
     """The run's settings, with a model reference resolved to a file (pulled if need be)."""
+    return _settings_and_model_ref(flags, yes=yes, can_ask=can_ask)[0]
+
+
+def _settings_and_model_ref(
+    flags: dict[str, Any], *, yes: bool, can_ask: bool
+) -> tuple[Settings, str]:
+    """The settings (see _settings), and what a saved session keeps to load that model again."""
     if flags.get("override_tensor") == []:
         flags["override_tensor"] = None
     settings = load_settings(flags)
@@ -142,15 +150,18 @@ def _settings(flags: dict[str, Any], *, yes: bool = False, can_ask: bool = False
     from wizardchat.catalog import DEFAULT_FAMILY
     from wizardchat.pulling import confirm_on_terminal, resolve_model
 
+    given = settings.model or DEFAULT_FAMILY
     path = resolve_model(
-        settings.model or DEFAULT_FAMILY,
+        given,
         yes=yes,
         can_ask=can_ask,
         confirm=confirm_on_terminal,
         err=sys.stderr,
     )
     _check_model_file(path)
-    return dataclasses.replace(settings, model=str(path))
+    from wizardchat.recording import model_reference
+
+    return dataclasses.replace(settings, model=str(path)), model_reference(given, path)
 
 
 def _check_model_file(path: Path) -> None:
@@ -403,17 +414,10 @@ def ask(
             reply = "".join(session.send(text))
             last = session.last
             assert last is not None
-            record = {
-                "reply": reply,
-                "model": engine.model_name,
-                "prompt_tokens": last.prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "evaluated_tokens": last.evaluated_tokens,
-                "finish": last.finish,
-                "timings": last.timings,
-            }
+            from wizardchat.batch import answer_record
             from wizardchat.safe_text import json_safe
 
+            record = answer_record(reply, engine.model_name, last)
             out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         else:
             from wizardchat.render import stream_plain
@@ -495,9 +499,9 @@ def run(
     if session_name:
         check_name(session_name)
     interactive = sys.stdin is not None and sys.stdin.isatty() and not jsonl
-    settings = _settings(flags, yes=yes, can_ask=interactive)
     store = SessionStore(paths.sessions_dir())
-    # Read the saved conversation before loading the model: a bad name or file fails fast.
+    # Read the saved conversation before loading the model: a bad name or file fails fast, and
+    # its model is the one to load unless -m says otherwise.
     saved = None
     # A session is open in one wizardchat at a time: claim it first (exit 7 if held elsewhere).
     if session_name:
@@ -508,9 +512,14 @@ def run(
         saved = store.load(store.claim(last).name) if last else None
         if saved is None:
             _err("wizardchat: no saved conversation to resume; starting a new one")
+    if model is None and saved is not None and saved.model_ref:
+        flags["model"] = _session_model(saved)
+    settings, model_ref = _settings_and_model_ref(flags, yes=yes, can_ask=interactive)
     with _engine(settings, verbose_prompt) as (engine, session):
         if interactive:
-            repl = _repl(engine, session, store, plain=plain, show_stats=not no_stats)
+            repl = _repl(
+                engine, session, store, plain=plain, show_stats=not no_stats, model_ref=model_ref
+            )
             if saved is None and session_name:
                 repl.name_session(session_name)
             repl.run(resume=saved)
@@ -518,7 +527,24 @@ def run(
                 _quiet_broken_pipe()  # after a hangup the terminal is gone: no flush errors at exit
                 raise typer.Exit(repl.terminated_by)
             return
-        _run_batch(session, store, saved, session_name, jsonl=jsonl, resume=resume)
+        _run_batch(
+            session, store, saved, session_name, jsonl=jsonl, resume=resume, model_ref=model_ref
+        )
+
+
+def _session_model(saved: SavedSession) -> str:
+    """The model a saved session was held with, to load it again when no -m is given.
+
+    Said on stderr (before minutes of loading); a file that is gone is an error naming it.
+    """
+    ref = saved.model_ref
+    if Path(ref).is_absolute() and not os.path.lexists(ref):  # a hub reference never is
+        raise NoModelError(
+            f"session '{saved.name}' was held with the model {ref}, which is no longer there: "
+            "pass -m PATH (or a model reference) to continue it with another model"
+        )
+    _err(f"resuming '{saved.name}' with its model {ref}")
+    return ref
 
 
 def _run_batch(
@@ -529,26 +555,30 @@ def _run_batch(
     *,
     jsonl: bool,
     resume: bool,
+    model_ref: str,
 ) -> None:
     """Batch mode: piped lines, saved after every reply when a session is named or resumed."""
     from wizardchat import batch
-    from wizardchat.recording import Recording, free_name
+    from wizardchat.recording import Recording, continue_command, free_name
     from wizardchat.signals import Termination
 
     recording = None
+    model = session.engine.model_name
     if saved is not None:
         session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
-        recording = Recording(store, saved.name, session.engine.model_name, saved.created)
+        recording = Recording(store, saved.name, model, saved.created, model_ref=model_ref)
         n = len(saved.turns)
         _err(f"continuing '{saved.name}': {n} turn{'' if n == 1 else 's'}")
     elif session_name or resume:
-        recording = Recording(store, session_name or free_name(store), session.engine.model_name)
+        name = session_name or free_name(store)
+        recording = Recording(store, name, model, model_ref=model_ref)
     with Termination(session.cancel) as termination:
         job = batch.Batch(session, _err, recording=recording, termination=termination)
         runner = batch.run_jsonl if jsonl else batch.run_lines
         result = runner(job, _stdin_lines(), _reply_output())
     if recording is not None and job.recording is not None and store.exists(job.recording.name):
-        _err(f"saved as '{job.recording.name}'")
+        name = job.recording.name
+        _err(f"saved as '{name}' · {continue_command(store, name, model_ref)} continues it")
     if result.terminated:
         raise typer.Exit(result.terminated)
     if result.failed:
@@ -566,7 +596,13 @@ def _plain_output_wanted(plain: bool) -> bool:
 
 
 def _repl(
-    engine: LlamaEngine, session: ChatSession, store: SessionStore, *, plain: bool, show_stats: bool
+    engine: LlamaEngine,
+    session: ChatSession,
+    store: SessionStore,
+    *,
+    plain: bool,
+    show_stats: bool,
+    model_ref: str,
 ) -> Repl:
     from wizardchat import commands, paths
     from wizardchat.reader import make_reader
@@ -589,7 +625,7 @@ def _repl(
     )
     session.notify = out.note
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
-    return Repl(session, engine, store, reader, out, show_stats=show_stats)
+    return Repl(session, engine, store, reader, out, show_stats=show_stats, model_ref=model_ref)
 
 
 @app.command()
@@ -881,17 +917,13 @@ def sessions(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from wizardchat import paths
-    from wizardchat.commands import session_row
+    from wizardchat.commands import show_sessions
     from wizardchat.repl import PlainOutput
     from wizardchat.store import SessionStore
 
     found = SessionStore(paths.sessions_dir()).list()
-    if not found:
+    if not show_sessions(PlainOutput(sys.stdout, sys.stderr), found):
         _err("no saved conversations yet (wizardchat run saves each one)")
-        return
-    PlainOutput(sys.stdout, sys.stderr).rows(
-        [("NAME", "TURNS", "LAST USED", "")] + [session_row(s) for s in found], header=False
-    )
 
 
 @sessions_app.command("rm")
@@ -899,14 +931,24 @@ def sessions(ctx: typer.Context) -> None:
 def sessions_rm(
     names: Annotated[list[str], typer.Argument(help="Names of the sessions to delete.")],
 ) -> None:
-    """Delete saved conversations."""
+    """Delete saved conversations (exit 7 if any of them could not be deleted)."""
     from wizardchat import paths
     from wizardchat.store import SessionStore
 
     store = SessionStore(paths.sessions_dir())
-    for name in names:
-        store.remove(name)
+    failed = False
+    for name in names:  # one missing name must not keep the others
+        try:
+            store.remove(name)
+        except SessionError as e:
+            if _state.debug:
+                raise
+            _err(f"wizardchat: error: {e}")
+            failed = True
+            continue
         _err(f"removed '{name}'")
+    if failed:
+        raise typer.Exit(ExitCode.SESSION)
 
 
 class _ReplyOutput:

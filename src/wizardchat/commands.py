@@ -17,7 +17,8 @@ from wizardchat.errors import WizardchatError
 from wizardchat.settings import RANGES
 
 if TYPE_CHECKING:
-    from wizardchat.repl import Repl
+    from wizardchat.repl import Output, Repl
+    from wizardchat.store import SessionSummary
 
 
 class CommandError(WizardchatError):
@@ -207,14 +208,8 @@ def _load(repl: Repl, arg: str) -> None:
 
 
 def _sessions(repl: Repl, arg: str) -> None:
-    from wizardchat.store import SessionSummary
-
-    found: list[SessionSummary] = repl.store.list()
-    if not found:
-        repl.out.note("no saved sessions yet")
-        return
-    header = ("name", "turns", "last used", "")
-    repl.out.rows([header] + [session_row(s) for s in found], header=True)
+    if not show_sessions(repl.out, repl.store.list()):
+        repl.out.note("no saved conversations yet")
 
 
 def _read(repl: Repl, arg: str) -> None:
@@ -366,6 +361,26 @@ def session_row(s: Any) -> tuple[str, str, str, str]:
         used = "?"
     problem = "".join(c if c.isprintable() else "?" for c in s.problem[:120])
     return s.name, turns, used, f"({problem})" if problem else ""
+
+
+def show_sessions(out: Output, found: list[SessionSummary]) -> bool:
+    """Print the table of saved sessions (SessionSummary) that `wizardchat sessions` and
+    `/sessions` both show, and how to delete an unreadable one; False if there is none.
+
+    The PROBLEM column is there only when a file cannot be read.
+    """
+    if not found:
+        return False
+    rows = [session_row(s) for s in found]
+    if any(row[3] for row in rows):
+        out.rows([("NAME", "TURNS", "LAST USED", "PROBLEM"), *rows])
+        broken = " ".join(s.name for s in found if s.turns is None)
+        out.note(
+            f"unreadable sessions are kept as they are; to delete: wizardchat sessions rm {broken}"
+        )
+    else:
+        out.rows([("NAME", "TURNS", "LAST USED"), *(row[:3] for row in rows)])
+    return True
 
 
 def editor_command() -> list[str]:

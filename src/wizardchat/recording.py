@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name
 
 
 def saved_session(
-    conversation: Conversation, name: str, model: str, created: float
+    conversation: Conversation, name: str, model: str, created: float, model_ref: str = ""
 ) -> SavedSession:
     """The whole transcript as it is saved: every turn, evicted or not."""
     return SavedSession(
@@ -19,7 +21,33 @@ def saved_session(
         turns=[SavedTurn(t.user, t.reply, t.interrupted) for t in conversation.turns],
         model=model,
         created=created,
+        model_ref=model_ref,
     )
+
+
+def model_reference(given: str, path: Path) -> str:
+    """What a session keeps to load its model again: a hub reference as it was given (it finds
+    the file wherever the hub cache is), or the absolute path of the file (a relative one would
+    depend on the working directory of the next run)."""
+    from wizardchat.catalog import parse_ref
+
+    text = given.strip()
+    if isinstance(parse_ref(text), Path):
+        return os.path.abspath(path.expanduser())
+    return text
+
+
+def continue_command(store: SessionStore, name: str, model_ref: str) -> str:
+    """A command that continues session `name` with the model `model_ref`.
+
+    `--resume` only while `name` is the newest session (else `--session NAME`), and `-m` only
+    when the file does not name that model itself (a file of an older version, or one opened
+    with another -m and not saved since).
+    """
+    how = "--resume" if store.last() == name else f"--session {name}"
+    on_file = store.summary(store.path(name)).model_ref
+    model = "" if on_file == model_ref or not model_ref else f" -m {shlex.quote(model_ref)}"
+    return f"wizardchat run {how}{model}"
 
 
 def free_name(store: SessionStore) -> str:
@@ -31,11 +59,17 @@ class Recording:
     """Saves a conversation as session `name` in `store` each time `save` is called."""
 
     def __init__(
-        self, store: SessionStore, name: str, model: str, created: float | None = None
+        self,
+        store: SessionStore,
+        name: str,
+        model: str,
+        created: float | None = None,
+        model_ref: str = "",
     ) -> None:
         self.store = store
         self.name = name
         self.model = model
+        self.model_ref = model_ref
         self.created = created or time.time()
         # Held until exit: no other wizardchat may write this session meanwhile (exit 7 there).
         self.claim = store.claim(name)
@@ -44,4 +78,6 @@ class Recording:
         """Write the transcript (atomically); nothing while the conversation has no turn."""
         if not conversation.turns and not self.store.exists(self.name):
             return None
-        return self.store.save(saved_session(conversation, self.name, self.model, self.created))
+        return self.store.save(
+            saved_session(conversation, self.name, self.model, self.created, self.model_ref)
+        )

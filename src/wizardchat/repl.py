@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from wizardchat import commands
 from wizardchat.errors import WizardchatError
 from wizardchat.reader import PROMPT, LineReader
-from wizardchat.recording import saved_session
+from wizardchat.recording import continue_command, saved_session
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
 from wizardchat.signals import Termination, undo_on_fatal_exit
@@ -264,8 +264,10 @@ class Repl:
         *,
         show_stats: bool = True,
         stdin: TextIO | None = None,
+        model_ref: str = "",
     ) -> None:
         self.session = session
+        self.model_ref = model_ref  # saved with the conversation: what --resume loads again
         self.engine = engine
         self.store = store
         self.reader = reader
@@ -320,7 +322,7 @@ class Repl:
         on_disk = self._name is not None and self.store.exists(self._name)
         if not conv.turns and not force and not on_disk:
             return None  # nothing said yet: leave no empty sessions behind
-        saved = saved_session(conv, self.name, self.engine.model_name, self.created)
+        saved = saved_session(conv, self.name, self.engine.model_name, self.created, self.model_ref)
         try:
             return self.store.save(saved)
         except SessionChanged as e:
@@ -382,7 +384,13 @@ class Repl:
             f"continuing '{saved.name}': {_plural(len(turns), 'turn')}"
             + (f" ({skipped} earlier not shown)" if skipped else "")
         )
-        if saved.model and saved.model != self.engine.model_name:
+        if saved.model_ref and self.model_ref and saved.model_ref != self.model_ref:
+            # The model stays loaded; its own model is one command away.
+            self.out.note(
+                f"(it was held with {saved.model_ref}; wizardchat run --session {saved.name} "
+                "reopens it with that model)"
+            )
+        elif saved.model and saved.model != self.engine.model_name:
             self.out.note(f"(it was held with {saved.model})")
         for t in turns[skipped:]:
             self.out.past_turn(t.user, t.reply + (" [interrupted]" if t.interrupted else ""))
@@ -408,7 +416,8 @@ class Repl:
         if self.terminated_by:
             return  # the terminal may be gone: no goodbye line
         if self._name is not None and self.store.exists(self._name):
-            self.out.note(f"saved as '{self._name}' · wizardchat run --resume continues it")
+            how = continue_command(self.store, self._name, self.model_ref)
+            self.out.note(f"saved as '{self._name}' · {how} continues it")
 
     def _loop(self) -> None:
         armed = False  # a Ctrl-C on an empty line was just pressed

@@ -63,9 +63,12 @@ class SavedSession:
     name: str
     system: str
     turns: list[SavedTurn] = field(default_factory=list)
-    model: str = ""
+    model: str = ""  # the model file's name, to show
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    # What `--resume` loads it with again: a hub reference as given, or the file's absolute path
+    # ("" in files written before wizardchat kept it: then the configured model is used).
+    model_ref: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The file's JSON object."""
@@ -73,6 +76,7 @@ class SavedSession:
             "version": FORMAT_VERSION,
             "name": self.name,
             "model": self.model,
+            "model_ref": self.model_ref,
             "created": self.created,
             "updated": self.updated,
             "system": self.system,
@@ -101,6 +105,7 @@ class SavedSession:
             system=_text(data, "system"),
             turns=[_turn(t, i) for i, t in enumerate(turns_data, 1)],
             model=_text(data, "model", default=""),
+            model_ref=_text(data, "model_ref", default=""),
             created=_time(data, "created"),
             updated=_time(data, "updated"),
         )
@@ -190,6 +195,12 @@ class SessionSummary:
     updated: float
     path: Path
     problem: str = ""
+    model_ref: str = ""  # what --resume would load it with ("" if none is saved)
+
+
+def _remove_hint(name: str) -> str:
+    """The next step after a file that cannot be read: it is kept, and can be deleted."""
+    return f"; the file was left as it is: fix it, or delete it with: wizardchat sessions rm {name}"
 
 
 def check_name(name: str) -> str:
@@ -483,20 +494,23 @@ class SessionStore:
             if os.path.islink(path):
                 raise SessionError(
                     f"cannot read session '{name}' ({path}): a symlink to nothing"
+                    + _remove_hint(name)
                 ) from None
             known = ", ".join(s.name for s in self.list()[:8]) or "none saved yet"
             raise SessionError(f"no session named '{name}' (saved: {known})") from None
         except OSError as e:
-            raise SessionError(f"cannot read session '{name}' ({path}): {e}") from None
+            raise SessionError(
+                f"cannot read session '{name}' ({path}): {e.strerror or e}" + _remove_hint(name)
+            ) from None
         except ValueError as e:
             raise SessionError(
-                f"session '{name}' is unreadable ({path}: {e}); the file was left as it is"
+                f"session '{name}' is unreadable ({path}: {e})" + _remove_hint(name)
             ) from None
         try:
             session = parse(text)
         except ValueError as e:  # JSONDecodeError is a ValueError
             raise SessionError(
-                f"session '{name}' is corrupt ({path}: {e}); the file was left as it is"
+                f"session '{name}' is corrupt ({path}: {e})" + _remove_hint(name)
             ) from None
         session.name = name  # the file name wins over a stale name inside
         self._seen[name] = before
@@ -514,7 +528,9 @@ class SessionStore:
             except OSError:
                 mtime = 0.0
             return SessionSummary(name, None, min(max(mtime, 0.0), _LATEST_TIME), path, problem)
-        return SessionSummary(name, len(session.turns), session.updated, path)
+        return SessionSummary(
+            name, len(session.turns), session.updated, path, model_ref=session.model_ref
+        )
 
     def list(self) -> list[SessionSummary]:
         """Saved sessions, most recently used first (unreadable ones included, marked)."""
@@ -534,7 +550,7 @@ class SessionStore:
         wizardchat has it open (it would write it again at its next reply)."""
         path = self.path(name)
         if not os.path.lexists(path):
-            raise SessionError(f"no session named '{name}'")
+            raise SessionError(f"no session named '{name}' (wizardchat sessions lists them)")
         claim = None if self.holds(name) else self.claim(name)
         try:
             path.unlink()
