@@ -130,7 +130,7 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
 def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
     """The shape of a reference that is not on this machine, and where its sizes came from."""
     from wizardchat import hub, planner
-    from wizardchat.pulling import memory_budget
+    from wizardchat.pulling import Machine, memory_budget
 
     family = ref.family.name if ref.family else ""
     quant = ref.quant or (DEFAULT_QUANT if family == DEFAULT_FAMILY else None)
@@ -151,7 +151,7 @@ def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
         raise NoModelError(
             f"{ref} is not downloaded, so its size comes from the hub's file list: {e}"
         ) from e
-    chosen = choose_quant(remote.quants, ref, memory_budget(ref))
+    chosen = choose_quant(remote.quants, ref, memory_budget(ref, Machine.detect()))
     label = f"{ref.repo.rsplit('/', 1)[-1].removesuffix('-GGUF')} {chosen.name}"
     shape = planner.shape_from_size(dims, chosen.size, name=label)
     return shape, f"{ref.repo} {chosen.name}, not downloaded (sizes from the hub's file list)"
