@@ -294,6 +294,9 @@ USAGE_ERRORS = [
     (["sessions", "rm"],
      "sessions rm: missing NAME (usage: wizardchat sessions rm [OPTIONS] NAME...)"),
     (["rm", "a", "b"], "rm: unexpected extra argument 'b' (usage: wizardchat rm [OPTIONS] REF)"),
+    (["--debug"], "missing COMMAND (wizardchat -h lists the commands)"),
+    (["-m", "x.gguf", "run"], "-m goes after the command: wizardchat run -m ..."),
+    (["--temp", "0.5"], "--temp goes after the command: wizardchat run --temp ..."),
     (["ask", "why", "is", "it"],
      "ask: unexpected extra arguments 'is' 'it' (quote a prompt of several words: "
      "wizardchat ask \"...\")"),

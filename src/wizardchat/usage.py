@@ -276,6 +276,8 @@ def error_line(error: click_errors.UsageError) -> str:
         return _bad_value(error)
     if isinstance(error, click_errors.BadOptionUsage):
         return _bad_option_usage(error)
+    if error.message == "Missing command." and ctx is not None:
+        return f"missing COMMAND ({ctx.command_path} -h lists the commands)"
     extra = re.fullmatch(r"Got unexpected extra argument\(s\) \((.*)\)", error.message, re.S)
     if extra and ctx is not None:
         return _extra_arguments(extra.group(1).split(), ctx)
@@ -295,6 +297,8 @@ def _unknown_option(name: str, ctx: Context | None) -> str:
     if ctx is None:
         return f"unknown option {name}"
     typed = name.partition("=")[0]
+    if isinstance(ctx.command, TyperGroup) and (owner := _command_with_option(ctx, typed)):
+        return f"{typed} goes after the command: {ctx.command_path} {owner} {typed} ..."
     spellings = [
         o for p in ctx.command.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o[:1] == "-"
     ]
@@ -302,6 +306,17 @@ def _unknown_option(name: str, ctx: Context | None) -> str:
     if nearest:
         return f"unknown option {typed} (did you mean {nearest[0]}?)"
     return f"unknown option {typed} ({ctx.command_path} -h lists the options)"
+
+
+def _command_with_option(ctx: Context, typed: str) -> str | None:
+    """The command (run first) that has the option a user put before any command."""
+    assert isinstance(ctx.command, TyperGroup)
+    names = sorted(ctx.command.commands, key=lambda name: name != "run")
+    for name in names:
+        command = ctx.command.commands[name]
+        if any(typed in (*p.opts, *p.secondary_opts) for p in command.params):
+            return name
+    return None
 
 
 def _missing(error: click_errors.MissingParameter, ctx: Context | None) -> str:
