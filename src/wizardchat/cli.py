@@ -57,7 +57,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # typer's rich help costs ~150 ms of start-up
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # Help as wide as the terminal up to 100 columns (click stops at 80).
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 

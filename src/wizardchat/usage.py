@@ -148,7 +148,9 @@ def _write_panels(
             panel = getattr(param, "rich_help_panel", None) or OTHER
             sections.setdefault(panel, []).append(record)
     rows = [row for section in sections.values() for row in section]
-    width = min(max((len(row[0]) for row in rows), default=0), FIRST_COLUMN_MAX)
+    # On a narrow terminal long names get a line of their own rather than squeeze the help.
+    limit = FIRST_COLUMN_MAX if formatter.width >= 78 else max(10, formatter.width // 3)
+    width = min(max((len(row[0]) for row in rows), default=0), limit)
     known = ["Arguments", *PANELS]
     order = [s for s in known if s in sections]
     order += [s for s in sections if s not in known and s != OTHER]
