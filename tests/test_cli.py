@@ -294,6 +294,8 @@ USAGE_ERRORS = [
     (["sessions", "rm"],
      "sessions rm: missing NAME (usage: wizardchat sessions rm [OPTIONS] NAME...)"),
     (["rm", "a", "b"], "rm: unexpected extra argument 'b' (usage: wizardchat rm [OPTIONS] REF)"),
+    (["ask", "-5 degrees, what to wear?"],
+     "unknown option -5 (text that starts with - goes after --: wizardchat ask -- TEXT)"),
     (["--debug"], "missing COMMAND (wizardchat -h lists the commands)"),
     (["-m", "x.gguf", "run"], "-m goes after the command: wizardchat run -m ..."),
     (["--temp", "0.5"], "--temp goes after the command: wizardchat run --temp ..."),

@@ -307,6 +307,12 @@ def _unknown_option(name: str, ctx: Context | None) -> str:
     nearest = difflib.get_close_matches(typed, spellings, n=1, cutoff=0.6)
     if nearest:
         return f"unknown option {typed} (did you mean {nearest[0]}?)"
+    takes_text = any(p.param_type_name == "argument" for p in ctx.command.params)
+    looks_like_text = _where(ctx) == "ask" or typed[1:2].isdigit()  # `ask "-5 degrees ..."`
+    if takes_text and looks_like_text and not typed.startswith("--"):
+        return f"unknown option {typed} (text that starts with - goes after --: " + (
+            f"{ctx.command_path} -- TEXT)"
+        )
     return f"unknown option {typed} ({ctx.command_path} -h lists the options)"
 
 
