@@ -259,6 +259,11 @@ class Group(TyperGroup):
             return f"unknown command '{typed}' ({path} -h lists the commands)"
         return f"unknown command '{typed}' (did you mean '{f'{path} {meant}'.strip()}'?)"
 
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        """The group's options as a command's are written, then its commands."""
+        _write_panels(self, ctx, formatter)
+        self.format_commands(ctx, formatter)
+
     def format_epilog(self, ctx: Context, formatter: HelpFormatter) -> None:
         """The examples, verbatim."""
         _write_examples(self.epilog, formatter)
