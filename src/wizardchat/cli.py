@@ -70,8 +70,8 @@ def _o(*names: str, name: str, panel: str = PERFORMANCE, **kw: Any) -> Any:
     """A settings flag: its help and default from settings.py, numbers shown as N."""
     FLAG_LABELS[name] = flag_label(names)
     kw.setdefault("metavar", "N")
-    return typer.Option(*names, help=field_help(name) + _default_note(name), rich_help_panel=panel,
-                        **kw)  # fmt: skip
+    text = field_help(name) + _default_note(name)
+    return typer.Option(*names, help=text, rich_help_panel=panel, **kw)
 
 
 def _default_note(name: str) -> str:
