@@ -34,9 +34,9 @@ def test_env_lists_and_booleans(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("nonsense = 1\n", "unknown setting 'nonsense'"),
-        ("ctx_size = 'big'\n", "invalid value 'big' for 'ctx_size'"),
+        ("ctx_size = 'big'\n", "ctx_size: 'big' is not a whole number"),
         ("ctx_size = \n", "config file"),
-        ("cache_type_v = 'q9'\n", "cache_type_v must be one of"),
+        ("cache_type_v = 'q9'\n", "cache_type_v: must be one of"),
     ],
 )
 def test_bad_config_is_one_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:

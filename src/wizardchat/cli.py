@@ -15,7 +15,6 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
@@ -35,6 +34,8 @@ from wizardchat.errors import (
 )
 from wizardchat.settings import MAX_THREADS, Settings, field_help, load_settings
 from wizardchat.signals import Terminated
+from wizardchat.usage import CHAT, MODEL, OUTPUT, PERFORMANCE, SESSIONS, Command, Group, flag_label
+from wizardchat.usage import STATE as _state
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
@@ -42,37 +43,52 @@ if TYPE_CHECKING:
     from wizardchat.session import ChatSession
     from wizardchat.store import SavedSession, SessionStore
 
+TOP_LEVEL_EXAMPLES = """
+wizardchat run                   chat with WizardLM-2 8x22B (asks to download it)
+wizardchat run -m FILE.gguf      chat with a model file you already have
+wizardchat ask "Why?"            one reply, to stdout
+wizardchat COMMAND -h            the options of one command
+"""
+
 app = typer.Typer(
     name="wizardchat",
     help="Chat with WizardLM-2 8x22B in your terminal, on llama.cpp.",
+    epilog=TOP_LEVEL_EXAMPLES,
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # typer's rich help costs ~150 ms of start-up
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # Help as wide as the terminal up to 100 columns (click stops at 80).
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 
-@dataclass
-class _State:
-    debug: bool = False
+# Each setting's flag as an error message names it (`-c/--ctx-size`), filled in by _o.
+FLAG_LABELS: dict[str, str] = {}
 
 
-_state = _State()
+def _o(*names: str, name: str, panel: str = PERFORMANCE, **kw: Any) -> Any:
+    """A settings flag: its help and default from settings.py, numbers shown as N."""
+    FLAG_LABELS[name] = flag_label(names)
+    kw.setdefault("metavar", "N")
+    text = field_help(name) + _default_note(name)
+    return typer.Option(*names, help=text, rich_help_panel=panel, **kw)
 
-MODEL = "Model"
-LLAMA = "llama.cpp"
-SAMPLING = "Sampling"
-CHAT = "Chat"
 
-
-def _o(*names: str, name: str, panel: str = LLAMA, **kw: Any) -> Any:
-    return typer.Option(*names, help=field_help(name), rich_help_panel=panel, **kw)
+def _default_note(name: str) -> str:
+    """`  [default: 0.8]`: a flag's own default is None (not given), so help shows Settings'."""
+    default = Settings.__dataclass_fields__[name].default
+    if name == "mmap":
+        return "  [default: --mmap]"
+    if isinstance(default, bool) or default in (None, ()) or name == "system":
+        return ""
+    return f"  [default: {default}]"
 
 
 # Options shared by `ask` and `run`, spelled as llama.cpp spells them.
 ModelOpt = Annotated[str | None, _o("--model", "-m", name="model", panel=MODEL, metavar="REF")]
-CtxOpt = Annotated[int | None, _o("--ctx-size", "-c", name="ctx_size")]
+CtxOpt = Annotated[int | None, _o("--ctx-size", "-c", name="ctx_size", panel=MODEL)]
 NglOpt = Annotated[int | None, _o("--n-gpu-layers", "-ngl", name="n_gpu_layers")]
 ThreadsOpt = Annotated[int | None, _o("--threads", "-t", name="threads")]
 BatchOpt = Annotated[int | None, _o("--batch-size", "-b", name="batch_size")]
@@ -82,25 +98,23 @@ FlashOpt = Annotated[
 ]
 CtkOpt = Annotated[str | None, _o("--cache-type-k", "-ctk", name="cache_type_k", metavar="TYPE")]
 CtvOpt = Annotated[str | None, _o("--cache-type-v", "-ctv", name="cache_type_v", metavar="TYPE")]
-MlockOpt = Annotated[bool | None, _o("--mlock", name="mlock")]
-MmapOpt = Annotated[bool | None, _o("--mmap/--no-mmap", name="mmap")]
+MlockOpt = Annotated[bool | None, _o("--mlock", name="mlock", panel=MODEL)]
+MmapOpt = Annotated[bool | None, _o("--mmap/--no-mmap", name="mmap", panel=MODEL)]
 CpuMoeOpt = Annotated[bool | None, _o("--cpu-moe", "-cmoe", name="cpu_moe")]
 NCpuMoeOpt = Annotated[int | None, _o("--n-cpu-moe", "-ncmoe", name="n_cpu_moe", metavar="N")]
 OtOpt = Annotated[
     list[str] | None, _o("--override-tensor", "-ot", name="override_tensor", metavar="REGEX=BUFFER")
 ]
-SystemOpt = Annotated[str | None, _o("--system", name="system", panel=MODEL, metavar="TEXT")]
-TempOpt = Annotated[float | None, _o("--temperature", "--temp", name="temperature", panel=SAMPLING)]
-TopPOpt = Annotated[float | None, _o("--top-p", name="top_p", panel=SAMPLING)]
-TopKOpt = Annotated[int | None, _o("--top-k", name="top_k", panel=SAMPLING)]
-MinPOpt = Annotated[float | None, _o("--min-p", name="min_p", panel=SAMPLING)]
-RepeatOpt = Annotated[float | None, _o("--repeat-penalty", name="repeat_penalty", panel=SAMPLING)]
-SeedOpt = Annotated[int | None, _o("--seed", "-s", name="seed", panel=SAMPLING)]
-MaxTokOpt = Annotated[int | None, _o("--max-tokens", "-n", name="max_tokens", panel=SAMPLING)]
-VerboseOpt = Annotated[bool | None, _o("--verbose", "-v", name="verbose", panel=MODEL)]
-RpcOpt = Annotated[
-    str | None, _o("--rpc", name="rpc", metavar="HOST:PORT[,HOST:PORT...]", panel=LLAMA)
-]
+SystemOpt = Annotated[str | None, _o("--system", name="system", panel=CHAT, metavar="TEXT")]
+TempOpt = Annotated[float | None, _o("--temperature", "--temp", name="temperature", panel=CHAT)]
+TopPOpt = Annotated[float | None, _o("--top-p", name="top_p", panel=CHAT)]
+TopKOpt = Annotated[int | None, _o("--top-k", name="top_k", panel=CHAT)]
+MinPOpt = Annotated[float | None, _o("--min-p", name="min_p", panel=CHAT)]
+RepeatOpt = Annotated[float | None, _o("--repeat-penalty", name="repeat_penalty", panel=CHAT)]
+SeedOpt = Annotated[int | None, _o("--seed", "-s", name="seed", panel=CHAT)]
+MaxTokOpt = Annotated[int | None, _o("--max-tokens", "-n", name="max_tokens", panel=CHAT)]
+VerboseOpt = Annotated[bool | None, _o("--verbose", "-v", name="verbose", panel=OUTPUT)]
+RpcOpt = Annotated[str | None, _o("--rpc", name="rpc", metavar="HOST:PORT[,...]")]
 PlanOpt = Annotated[str | None, _o("--plan", name="plan", metavar="auto|off")]
 YesOpt = Annotated[
     bool,
@@ -116,7 +130,7 @@ VerbosePromptOpt = Annotated[
     typer.Option(
         "--verbose-prompt",
         help="Before each reply, print the exact prompt and its token count to stderr.",
-        rich_help_panel=MODEL,
+        rich_help_panel=OUTPUT,
     ),
 ]
 
@@ -144,7 +158,7 @@ def _settings_and_model_ref(
     """The settings (see _settings), and what a saved session keeps to load that model again."""
     if flags.get("override_tensor") == []:
         flags["override_tensor"] = None
-    settings = load_settings(flags)
+    settings = load_settings(flags, labels=FLAG_LABELS)
     if getattr(sys.stdout, "closed_at_start", False):  # before minutes of loading, not after
         raise OutputError("cannot write output: stdout is closed")
     from wizardchat.catalog import DEFAULT_FAMILY
@@ -353,14 +367,27 @@ def _root(
     _state.debug = debug
 
 
-@app.command()
+ASK_EXAMPLES = """
+wizardchat ask "Why is the sky blue?" -m FILE.gguf
+git diff | wizardchat ask "Write a commit message for this." --temp 0.2
+wizardchat ask "Name three primes." --json -n 64 | jq -r .reply
+"""
+
+
+@app.command(cls=Command, epilog=ASK_EXAMPLES)
 @_guarded
 def ask(
     prompt: Annotated[
-        str | None, typer.Argument(help="The question; piped stdin comes first.")
+        str | None,
+        typer.Argument(metavar="PROMPT", help="The question; piped stdin comes first."),
     ] = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the reply and its stats.")
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object with the reply and its stats.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,
@@ -429,12 +456,22 @@ def ask(
             _err(session.last.context_full_note())  # never a silent cut
 
 
-@app.command()
+RUN_EXAMPLES = r"""
+wizardchat run                         WizardLM-2 8x22B (asks to download)
+wizardchat run -m FILE.gguf            a model file you already have
+wizardchat run --session work          open or start the conversation 'work'
+wizardchat run --resume                continue the last conversation
+wizardchat run -ncmoe 8 -c 16384       experts of 8 layers in RAM, 16K context
+printf 'Hi\nWho are you?\n' | wizardchat run -m FILE.gguf    batch mode
+"""
+
+
+@app.command(cls=Command, epilog=RUN_EXAMPLES)
 @_guarded
 def run(
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue the last conversation.", rich_help_panel=CHAT),
+        typer.Option("--resume", help="Continue the last conversation.", rich_help_panel=SESSIONS),
     ] = False,
     session_name: Annotated[
         str | None,
@@ -442,21 +479,26 @@ def run(
             "--session",
             metavar="NAME",
             help="Open the saved conversation NAME, or start one by that name.",
-            rich_help_panel=CHAT,
+            rich_help_panel=SESSIONS,
         ),
     ] = None,
     plain: Annotated[
         bool,
         typer.Option(
-            "--plain", help="Plain text replies, no markdown or colour.", rich_help_panel=CHAT
+            "--plain", help="Plain text replies, no markdown or colour.", rich_help_panel=OUTPUT
         ),
     ] = False,
     no_stats: Annotated[
         bool,
-        typer.Option("--no-stats", help="No speed line after each reply.", rich_help_panel=CHAT),
+        typer.Option("--no-stats", help="No speed line after each reply.", rich_help_panel=OUTPUT),
     ] = False,
     jsonl: Annotated[
-        bool, typer.Option("--jsonl", help='Batch mode: stdin lines are {"prompt": ...} objects.')
+        bool,
+        typer.Option(
+            "--jsonl",
+            help='Batch mode: stdin lines are {"prompt": ...} objects.',
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,
@@ -628,13 +670,21 @@ def _repl(
     return Repl(session, engine, store, reader, out, show_stats=show_stats, model_ref=model_ref)
 
 
-@app.command()
+PULL_EXAMPLES = """
+wizardchat pull --list                  the quants, their sizes, which fit
+wizardchat pull                         the best quant of WizardLM-2 8x22B
+wizardchat pull wizardlm2-8x22b:Q4_K_M
+wizardchat pull bartowski/WizardLM-2-8x22B-GGUF:IQ3_XS
+"""
+
+
+@app.command(cls=Command, epilog=PULL_EXAMPLES)
 @_guarded
 def pull(
     ref: Annotated[
         str | None,
         typer.Argument(
-            metavar="[REF]",
+            metavar="REF",
             help="wizardlm2-8x22b[:QUANT], wizardlm2-7b[:QUANT] or OWNER/REPO[:QUANT] "
             "(default: the configured model, else wizardlm2-8x22b).",
         ),
@@ -646,7 +696,8 @@ def pull(
         ),
     ] = False,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, max=16, help="Files downloaded at once.")
+        int,
+        typer.Option("--workers", min=1, max=16, metavar="N", help="Files downloaded at once."),
     ] = 4,
 ) -> None:
     """Download a model: all shards, resumable, verified."""
@@ -674,7 +725,7 @@ def pull(
     _err(f"chat with it: wizardchat run -m {choice.ref}")
 
 
-@app.command()
+@app.command(cls=Command, epilog="wizardchat models\n")
 @_guarded
 def models(
     show_paths: Annotated[
@@ -707,7 +758,13 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part // whole}%" if whole else "?"
 
 
-@app.command()
+RM_EXAMPLES = """
+wizardchat rm wizardlm2-8x22b:Q4_K_M    one quant (asks first)
+wizardchat rm wizardlm2-7b --yes        every quant of it, without asking
+"""
+
+
+@app.command(cls=Command, epilog=RM_EXAMPLES)
 @_guarded
 def rm(
     ref: Annotated[str, typer.Argument(metavar="REF", help="REPO or REFERENCE[:QUANT] to delete.")],
@@ -738,7 +795,13 @@ def rm(
     _err(f"deleted {names}: {human_size(freed)} freed ({freed} bytes)")
 
 
-@app.command()
+DOCTOR_EXAMPLES = """
+wizardchat doctor                       this machine, the plan for WizardLM-2
+wizardchat doctor -m FILE.gguf --json   the plan for a file, as JSON
+"""
+
+
+@app.command(cls=Command, epilog=DOCTOR_EXAMPLES)
 @_guarded
 def doctor(
     model: Annotated[
@@ -756,7 +819,7 @@ def doctor(
     """Show this install, this machine and the offload plan."""
     from wizardchat import doctor as doctor_module
 
-    settings = load_settings({"model": model, "rpc": rpc})
+    settings = load_settings({"model": model, "rpc": rpc}, labels=FLAG_LABELS)
     from wizardchat.catalog import parse_ref
 
     if settings.model and isinstance(local := parse_ref(settings.model), Path):
@@ -788,14 +851,23 @@ def _model_source(flag: str | None, configured: str | None) -> str:
     return str(paths.config_file())
 
 
-@app.command()
+BENCH_EXAMPLES = """
+wizardchat bench -m FILE.gguf
+wizardchat bench -m FILE.gguf --n-cpu-moe 8 --reps 5 --compare
+"""
+
+
+@app.command(cls=Command, epilog=BENCH_EXAMPLES)
 @_guarded
 def bench(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Also run llama-bench (if on PATH) and compare.")
     ] = False,
-    reps: Annotated[int, typer.Option("--reps", min=1, max=50, help="Timed runs a test.")] = 3,
+    reps: Annotated[
+        int,
+        typer.Option("--reps", min=1, max=50, metavar="N", help="Timed runs of each test."),
+    ] = 3,
     yes: YesOpt = False,
     model: ModelOpt = None,
     ctx_size: CtxOpt = None,
@@ -863,21 +935,40 @@ def bench(
         PlainOutput(sys.stdout, sys.stderr).rows(bench_module.format_table(result, against))
 
 
-@app.command("rpc-worker")
+RPC_WORKER_EXAMPLES = """
+wizardchat rpc-worker                   serve on 127.0.0.1:50052
+wizardchat rpc-worker --host 10.0.0.5 --allow-remote    trusted network only
+"""
+
+
+@app.command("rpc-worker", cls=Command, epilog=RPC_WORKER_EXAMPLES)
 @_guarded
 def rpc_worker(
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 50052,
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="TCP port.")
+    ] = 50052,
     device: Annotated[
         list[str] | None,
-        typer.Option("--device", help="Backend device to serve (repeatable; default: the best)."),
+        typer.Option(
+            "--device",
+            metavar="NAME",
+            help="Backend device to serve (repeatable; default: the best).",
+        ),
     ] = None,
     cache_dir: Annotated[
         Path | None,
-        typer.Option("--cache-dir", help="Keep received tensors here to reload them faster."),
+        typer.Option(
+            "--cache-dir",
+            metavar="DIR",
+            help="Keep received tensors here to reload them faster.",
+        ),
     ] = None,
     threads: Annotated[
-        int, typer.Option("--threads", "-t", min=0, max=MAX_THREADS, help="CPU threads.")
+        int,
+        typer.Option("--threads", "-t", min=0, max=MAX_THREADS, metavar="N", help="CPU threads."),
     ] = 0,
     allow_remote: Annotated[
         bool,
@@ -901,8 +992,15 @@ def rpc_worker(
     )
 
 
+SESSIONS_EXAMPLES = """
+wizardchat sessions                     name, turns, last used
+wizardchat sessions rm work old-notes   delete two
+"""
+
 sessions_app = typer.Typer(
     help="List saved conversations; sessions rm NAME deletes one.",
+    epilog=SESSIONS_EXAMPLES,
+    cls=Group,
     no_args_is_help=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -926,10 +1024,12 @@ def sessions(ctx: typer.Context) -> None:
         _err("no saved conversations yet (wizardchat run saves each one)")
 
 
-@sessions_app.command("rm")
+@sessions_app.command("rm", cls=Command, epilog="wizardchat sessions rm work\n")
 @_guarded
 def sessions_rm(
-    names: Annotated[list[str], typer.Argument(help="Names of the sessions to delete.")],
+    names: Annotated[
+        list[str], typer.Argument(metavar="NAME", help="Names of the sessions to delete.")
+    ],
 ) -> None:
     """Delete saved conversations (exit 7 if any of them could not be deleted)."""
     from wizardchat import paths
@@ -1007,12 +1107,28 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _invoke() -> int:
+    """Run the app: a usage error is one line and exit 2, `wizardchat` alone shows the help."""
+    from wizardchat.usage import ClickUsageError, NoArgsIsHelpError, error_line
+
+    try:
+        code = app(prog_name="wizardchat", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        assert e.ctx is not None
+        sys.stdout.write(e.ctx.get_help() + "\n")
+        return ExitCode.OK
+    except ClickUsageError as e:
+        _err(f"wizardchat: error: {error_line(e)}")
+        return ExitCode.USAGE
+    return code if isinstance(code, int) else ExitCode.OK
+
+
 def main() -> None:
     """Run the typer app (wizardchat.entry decides whether it is needed)."""
     from wizardchat.entry import output_failed
 
     try:
-        app(prog_name="wizardchat")
+        raise SystemExit(_invoke())
     except OSError as e:  # --version or --help into a closed or full stdout
         output_failed(e)
     except SystemExit:

@@ -33,6 +33,12 @@ Commands:
   bench       Measure prompt and generation speed with the current plan.
   rpc-worker  Serve this machine's devices to --rpc (llama.cpp RPC).
   sessions    List saved conversations; sessions rm NAME deletes one.
+
+Examples:
+  wizardchat run                   chat with WizardLM-2 8x22B (asks to download it)
+  wizardchat run -m FILE.gguf      chat with a model file you already have
+  wizardchat ask "Why?"            one reply, to stdout
+  wizardchat COMMAND -h            the options of one command
 """
 
 
@@ -93,7 +99,7 @@ def output_failed(error: OSError) -> None:
 def main() -> None:
     """The `wizardchat` command."""
     guard_standard_streams()
-    if sys.argv[1:] in (["--help"], ["-h"]):
+    if sys.argv[1:] in ([], ["--help"], ["-h"]):
         try:
             sys.stdout.write(TOP_LEVEL_HELP)
             sys.stdout.flush()

@@ -145,11 +145,53 @@ def _shown(value: Any) -> str:
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    """Turn a config/env/flag value into the field's type, or fail with one clear line."""
+    """Turn a config/env/flag value into the field's type, checked, or fail with one clear line.
+
+    `source` names where the value came from as the user wrote it (`-c/--ctx-size`,
+    `WIZARDCHAT_CTX_SIZE`, `config file PATH: ctx-size`), so the line points at what to fix.
+    """
+    kind = _TYPES[name]
     try:
-        return _coerce_value(name, _TYPES[name], value)
+        value = _coerce_value(name, kind, value)
     except (ValueError, TypeError, OverflowError):
-        raise UsageError(f"{source}: invalid value {_shown(value)} for '{name}'") from None
+        raise UsageError(f"{source}: {_shown(value)} {_not_a(kind)}") from None
+    problem = value_problem(name, value)
+    if problem:
+        raise UsageError(f"{source}: {problem}")
+    return value
+
+
+def _not_a(kind: Any) -> str:
+    """What a value that cannot be converted to `kind` is not, in words."""
+    if kind is int:
+        return "is not a whole number"
+    if kind is float:
+        return "is not a number"
+    if kind is bool:
+        return "is not one of true, false, yes, no, on, off, 1, 0"
+    if kind == tuple[str, ...]:
+        return "is not a list of text values"
+    return "is not text"
+
+
+# Settings that take one of a few words; the rest of the checks are RANGES.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "flash_attn": FLASH_ATTN_CHOICES,
+    "cache_type_k": tuple(KV_CACHE_TYPES),
+    "cache_type_v": tuple(KV_CACHE_TYPES),
+    "plan": ("auto", "off"),
+}
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """Why `value` is not allowed for the setting `name` (range or choice), or None."""
+    bounds = RANGES.get(name)
+    if bounds is not None and not bounds.allows(value):
+        return f"must be {bounds.rule}, not {_shown(value)}"
+    choices = CHOICES.get(name)
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(choices)}, not {_shown(value)}"
+    return None
 
 
 def _text(name: str, value: str) -> str:
@@ -196,29 +238,10 @@ def _coerce_value(name: str, kind: Any, value: Any) -> Any:
     return _text(name, str(value))
 
 
-def check_range(name: str, value: float) -> None:
-    """UsageError unless `value` is allowed for the numeric setting `name` (see RANGES)."""
-    bounds = RANGES[name]
-    if not bounds.allows(value):
-        raise UsageError(f"{name} must be {bounds.rule}, not {_shown(value)}")
-
-
 def _validate(s: Settings) -> None:
+    """What no single value shows: each value was checked where it came in (see _coerce)."""
     if s.model is not None and not s.model.strip():
         raise UsageError("the model is empty: give --model a path or a reference")
-    if s.flash_attn not in FLASH_ATTN_CHOICES:
-        raise UsageError(
-            f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, not {s.flash_attn!r}"
-        )
-    for name in ("cache_type_k", "cache_type_v"):
-        if getattr(s, name) not in KV_CACHE_TYPES:
-            raise UsageError(
-                f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, not {getattr(s, name)!r}"
-            )
-    for name in RANGES:
-        check_range(name, getattr(s, name))
-    if s.plan not in ("auto", "off"):
-        raise UsageError(f"plan must be auto or off, not {s.plan!r}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -248,8 +271,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path}: values nested too deeply") from None
     except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
         raise UsageError(f"config file {path}: {e}") from None
-    # Accept dashes too (ctx-size), since that is how the flags are spelled.
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    return data  # keys as written: ctx-size or ctx_size (see load_settings)
+
+
+def _with_nearest(key: str) -> str:
+    """'key', and the setting it was probably meant to be, spelled the same way (- or _)."""
+    import difflib
+
+    spelled = {name.replace("_", "-") if "-" in key else name: name for name in FIELD_NAMES}
+    nearest = difflib.get_close_matches(key, spelled, n=1, cutoff=0.6)
+    return f"'{key}'" + (f" (did you mean '{nearest[0]}'?)" if nearest else "")
 
 
 def load_settings(
@@ -257,27 +288,36 @@ def load_settings(
     *,
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge defaults < config file < WIZARDCHAT_* environment < flags (None means not given)."""
+    """Merge defaults < config file < WIZARDCHAT_* environment < flags (None means not given).
+
+    `labels` spell each flag as the command line does (`-c/--ctx-size`) for error messages.
+    """
     from wizardchat import paths
 
     values: dict[str, Any] = {}
+    # A flag wins over the same setting from elsewhere, even a bad value there.
+    flagged = {key for key, value in (flags or {}).items() if value is not None}
     config_path = config_path or paths.config_file()
-    for key, value in read_config_file(config_path).items():
+    for written, value in read_config_file(config_path).items():
+        key = written.replace("-", "_")  # dashes too (ctx-size), as the flags are spelled
+        source = f"config file {config_path}: {written}"
         if key not in FIELD_NAMES:
-            raise UsageError(f"config file {config_path}: unknown setting '{key}'")
-        values[key] = _coerce(key, value, f"config file {config_path}")
+            raise UsageError(f"config file {config_path}: unknown setting {_with_nearest(written)}")
+        if key not in flagged:
+            values[key] = _coerce(key, value, source)
     env = os.environ if environ is None else environ
     for key in FIELD_NAMES:
         env_name = ENV_PREFIX + key.upper()
-        if env_name in env:
+        if env_name in env and key not in flagged:
             values[key] = _coerce(key, env[env_name], env_name)
     for key, value in (flags or {}).items():
         if value is None:
             continue
         if key not in FIELD_NAMES:
             raise KeyError(key)  # a programming error, not a user one
-        values[key] = _coerce(key, value, "option")
+        values[key] = _coerce(key, value, (labels or {}).get(key, key))
     settings = Settings(**values)
     _validate(settings)
     return settings
