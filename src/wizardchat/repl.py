@@ -181,12 +181,20 @@ def _plural(n: int, word: str) -> str:
 
 
 def stats_line(last: TurnResult) -> str:
-    """The dim line after a reply: tokens, speed, time to first token."""
+    """The dim line after a reply: tokens, speed, time to first token; or, when no token came,
+    what happened instead (a "0.0 tok/s" would say nothing)."""
     t = last.timings
-    return (
-        f"{last.completion_tokens} tokens · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s · "
-        f"first token {t.get('prompt_seconds', 0.0):.2f} s"
-    )
+    tokens = last.completion_tokens
+    if tokens == 0 and last.finish == "interrupted":
+        return (
+            f"interrupted before the first token · {last.seconds:.2f} s into a "
+            f"{last.prompt_tokens:,}-token prompt"
+        )
+    if tokens == 0:
+        return f"0 tokens · end of turn after {t.get('prompt_seconds', 0.0):.2f} s"
+    # One token has no speed: the rate is measured from the first token to the last.
+    speed = f" · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s" if tokens > 1 else ""
+    return f"{_plural(tokens, 'token')}{speed} · first token {t.get('prompt_seconds', 0.0):.2f} s"
 
 
 @contextlib.contextmanager
@@ -474,15 +482,9 @@ class Repl:
             raise commands.LeaveRepl
         last = self.session.last
         if last is not None:
-            if last.dropped:
-                self.out.note(
-                    "[interrupted before the reply began: the model will not see this message; "
-                    "it stays in the saved conversation]"
-                )
-            elif last.finish == "interrupted":
-                self.out.note("[interrupted]")
-            elif last.context_full:
-                self.out.note(last.context_full_note())
-            if self.show_stats and not last.dropped:
+            mark = last.end_mark()
+            if mark:
+                self.out.note(mark)
+            if self.show_stats:
                 self.out.note(stats_line(last))
         self.out.text("")
