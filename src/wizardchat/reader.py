@@ -45,6 +45,13 @@ def unwrap_block(text: str) -> str:
     return text
 
 
+def as_typed(message: str) -> str:
+    """`message` as it looks typed at the prompt: `>>> ` before the first line, `... ` before
+    the others (for a message the terminal did not echo, one composed in $EDITOR)."""
+    first, *rest = message.split("\n")
+    return "\n".join([PROMPT + first, *(CONTINUATION + line for line in rest)])
+
+
 class LineReader(Protocol):
     """Where the REPL gets messages from."""
 

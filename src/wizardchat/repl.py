@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from wizardchat import commands
 from wizardchat.errors import WizardchatError
-from wizardchat.reader import PROMPT, LineReader
+from wizardchat.reader import PROMPT, LineReader, as_typed
 from wizardchat.recording import saved_session
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
@@ -73,6 +73,8 @@ class Output(Protocol):
 
     def past_turn(self, user: str, reply: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 def _table_lines(rows: Sequence[tuple[str, ...]], header: bool) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -122,6 +124,13 @@ class PlainOutput:
 
     def past_turn(self, user: str, reply: str) -> None:
         self.text(f"{PROMPT}{user}\n{reply}\n")
+
+    def message(self, text: str) -> None:
+        """Show a sent message the terminal did not echo, where the prompt is (stdout on a
+        terminal, else stderr: a transcript file gets the replies alone)."""
+        where = self.out if self._safe_out else self.err
+        where.write(terminal_safe(as_typed(text)) + "\n")
+        where.flush()
 
 
 class RichOutput:
@@ -174,6 +183,12 @@ class RichOutput:
         reply = reply.replace("\r\n", "\n").replace("\r", "\n")
         self.console.print(Markdown(terminal_safe(reply)))
         self.console.print()
+
+    def message(self, text: str) -> None:
+        """Show a sent message the terminal did not echo, as a typed one looks."""
+        from rich.text import Text
+
+        self.console.print(Text(terminal_safe(as_typed(text))), soft_wrap=True)
 
 
 def _plural(n: int, word: str) -> str:
