@@ -441,6 +441,8 @@ class Repl:
             except EOFError:
                 break
             except KeyboardInterrupt:
+                if getattr(self.reader, "cleared_a_line", False):
+                    armed = False  # a Ctrl-C that cleared text was no step toward exiting
                 if armed:
                     break
                 armed = True
