@@ -134,7 +134,7 @@ def test_jsonl_batch_with_a_malformed_line(models) -> None:
     for record in (out[0], out[2], out[3], out[4]):
         assert record["reply"] == SCRIPT_REPLY
         assert set(record) == {"prompt", "reply", "prompt_tokens", "completion_tokens",
-                               "evaluated_tokens", "seconds"}  # fmt: skip
+                               "evaluated_tokens", "seconds", "finish"}  # fmt: skip
     # The second turn continues the first: only its new tokens are evaluated.
     assert out[2]["evaluated_tokens"] < out[2]["prompt_tokens"] / 2
     assert out[2]["prompt_tokens"] > out[0]["prompt_tokens"]

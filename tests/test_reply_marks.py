@@ -3,6 +3,7 @@ stderr, while stdout keeps the reply's text alone."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,5 +51,7 @@ def test_batch_marks_go_to_stderr_and_stdout_keeps_the_replies(
         "run", "--jsonl", "-m", str(models.scripted), "-n", "3", stdin='{"prompt": "Hi"}\n'
     )
     assert jsonl.code == 0, jsonl.stderr
-    assert '"reply": "Hello, world"' in jsonl.stdout and MAX_TOKENS_MARK not in jsonl.stdout
+    record = json.loads(jsonl.stdout)
+    assert record["reply"] == "Hello, world" and MAX_TOKENS_MARK not in jsonl.stdout
+    assert record["finish"] == "length"  # a script can tell a cut reply from a whole one
     assert MAX_TOKENS_MARK in jsonl.stderr

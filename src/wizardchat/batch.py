@@ -183,6 +183,7 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
                 "completion_tokens": last.completion_tokens,
                 "evaluated_tokens": last.evaluated_tokens,
                 "seconds": round(last.seconds, 4),
+                "finish": last.finish,  # "eos", "stop", "length" or "interrupted", as in ask
             }
             result.answered += 1
         except (UsageError, ContextError) as e:
