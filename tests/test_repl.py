@@ -348,6 +348,57 @@ def test_edit_composes_in_editor(models: Models, chats: type[Chat], tmp_path: Pa
     assert chat.exit() == 0
 
 
+def test_messages_composed_in_the_editor_stay_on_screen(models: Models, tmp_path: Path) -> None:
+    """The screen as a terminal shows it (pyte, with true cursor positions): a message sent with
+    /edit or with Ctrl-G then Enter is in the scrollback above its reply, as a typed one is."""
+    import pyte
+
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "from the editor\\nline two\\n" > "$1"\n')
+    editor.chmod(0o755)
+    screen = pyte.Screen(80, 40)
+    terminal = pyte.Stream(screen)
+    child = pexpect.spawn(
+        WIZARDCHAT,
+        ["run", "-m", str(models.scripted), "--no-stats"],
+        env={**os.environ, "TERM": "xterm-256color", "EDITOR": str(editor), "VISUAL": ""},
+        encoding="utf-8",
+        dimensions=(40, 80),
+        timeout=30,
+    )
+
+    def until(text: str) -> list[str]:
+        """Feed the terminal until `text` is on the screen; return the screen's lines."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            lines = [line.rstrip() for line in screen.display]
+            if text in "\n".join(lines):
+                return lines
+            try:
+                data = child.read_nonblocking(65536, timeout=0.2)
+            except pexpect.TIMEOUT:
+                continue
+            terminal.feed(data)
+            for _ in range(data.count("\x1b[6n")):  # where the cursor is, as a terminal answers
+                child.send(f"\x1b[{screen.cursor.y + 1};{screen.cursor.x + 1}R")
+        raise AssertionError(f"{text!r} never appeared:\n" + "\n".join(screen.display))
+
+    try:
+        until("/help for commands")
+        until(">>>")
+        child.send("/edit\r")
+        until(SCRIPT_REPLY)
+        child.sendcontrol("g")
+        until("line two")
+        child.send("!\r")
+        until(SCRIPT_REPLY + "\n\n>>> from the editor\n... line two!\n" + SCRIPT_REPLY)
+        lines = until(">>> from the editor\n... line two!\n" + SCRIPT_REPLY + "\n\n>>>")
+        shown = "\n".join(lines)
+        assert ">>> /edit\n>>> from the editor\n... line two\n" + SCRIPT_REPLY in shown, shown
+    finally:
+        child.close(force=True)
+
+
 def test_tab_completes_commands_and_paths(
     models: Models, chats: type[Chat], tmp_path: Path
 ) -> None:
