@@ -13,7 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import WIZARDCHAT, Models, run_cli
-from gguf_models import SCRIPT_REPLY
+from gguf_models import SCRIPT_REPLY, write_model
 
 # prompt-toolkit draws the prompt's trailing space as a cursor move, so the prompt is `>>>` and an
 # escape sequence; a resumed conversation's echoed messages (`>>> text`) do not match.
@@ -110,6 +110,27 @@ def test_a_message_gets_a_streamed_reply_and_a_stats_line(
     out = chat.send("Hi there")
     assert SCRIPT_REPLY in out
     assert re.search(r"9 tokens · [\d.]+ tok/s · first token [\d.]+ s", out), out
+    assert chat.exit() == 0
+
+
+def test_a_reply_cut_by_max_tokens_is_marked(models: Models, chats: type[Chat]) -> None:
+    chat = chats("-m", str(models.scripted), "-n", "3")
+    out = chat.send("Hi there")
+    assert "Hello, world" in out and "[max tokens reached]" in out, out
+    assert re.search(r"3 tokens · [\d.]+ tok/s · first token [\d.]+ s", out), out
+    chat.send("/set max_tokens -1")
+    out = chat.send("Hi again")
+    assert SCRIPT_REPLY in out and "[max tokens reached]" not in out and "[empty reply]" not in out
+    assert chat.exit() == 0
+
+
+def test_an_empty_reply_says_so(chats: type[Chat], tmp_path: Path) -> None:
+    silent = write_model(tmp_path / "silent.gguf", script=("</s>",))  # EOS at once
+    chat = chats("-m", str(silent))
+    out = chat.send("Hi there")
+    assert "[empty reply]" in out, out
+    assert re.search(r"0 tokens · end of turn after [\d.]+ s", out), out
+    assert "tok/s" not in out  # no speed for no tokens
     assert chat.exit() == 0
 
 
@@ -245,6 +266,11 @@ def test_ctrl_c_stops_a_long_prompt_evaluation(
     chat.child.sendcontrol("c")
     out = clean(chat.wait_prompt())
     assert "interrupted before the reply began: the model will not see" in out, out
+    # The stats line says what happened, not "0 tokens · 0.0 tok/s".
+    assert re.search(
+        r"interrupted before the first token · [\d.]+ s into a [\d,]+-token prompt", out
+    )
+    assert "0.0 tok/s" not in out
     assert "Traceback" not in out and "Exception ignored" not in out
     assert "5 tokens · " in chat.send("and now a short one")
     # The aborted file is not part of the conversation: it is not evaluated again.
@@ -270,6 +296,14 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(
     chat.child.sendcontrol("c")
     chat.expect("Ctrl-C again or Ctrl-D to exit")
     chat.wait_prompt()  # as a user sees it: the prompt is back
+    # Clearing text is not the second Ctrl-C: only Ctrl-C on an empty line counts, and the
+    # count starts again.
+    chat.child.send("second thought")
+    chat.expect("thought")
+    chat.child.sendcontrol("c")
+    chat.child.sendcontrol("c")
+    chat.expect("Ctrl-C again or Ctrl-D to exit")
+    chat.wait_prompt()
     chat.child.sendcontrol("c")
     chat.child.expect(pexpect.EOF)
     chat.child.close()
@@ -298,17 +332,71 @@ def test_multi_line_input(models: Models, chats: type[Chat]) -> None:
 
 def test_edit_composes_in_editor(models: Models, chats: type[Chat], tmp_path: Path) -> None:
     editor = tmp_path / "editor.sh"
-    editor.write_text('#!/bin/sh\nprintf "written in the editor" > "$1"\n')
+    editor.write_text('#!/bin/sh\nprintf "written in the editor\\nover two lines\\n" > "$1"\n')
     editor.chmod(0o755)
     chat = chats("-m", str(models.scripted), env={"EDITOR": str(editor), "VISUAL": ""})
-    assert SCRIPT_REPLY in chat.send("/edit")
-    assert "USER: written in the editor ASSISTANT:" in chat.send("/prompt")
+    out = chat.send("/edit")
+    # The sent message is in the scrollback, as a typed one would be, before the reply.
+    echo = ">>> written in the editor\n... over two lines\n"
+    assert echo in out and out.index(echo) < out.index(SCRIPT_REPLY), out
+    assert "USER: written in the editor\nover two lines ASSISTANT:" in chat.send("/prompt")
     chat.child.sendcontrol("g")  # Ctrl-G: the editor's text comes back to the line, unsent
-    chat.expect("written in the editor")
+    chat.expect("over two lines")
     chat.child.send("!\r")
     chat.wait_prompt()
-    assert "USER: written in the editor! ASSISTANT:" in chat.send("/prompt")
+    assert "USER: written in the editor\nover two lines! ASSISTANT:" in chat.send("/prompt")
     assert chat.exit() == 0
+
+
+def test_messages_composed_in_the_editor_stay_on_screen(models: Models, tmp_path: Path) -> None:
+    """The screen as a terminal shows it (pyte, with true cursor positions): a message sent with
+    /edit or with Ctrl-G then Enter is in the scrollback above its reply, as a typed one is."""
+    import pyte
+
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "from the editor\\nline two\\n" > "$1"\n')
+    editor.chmod(0o755)
+    screen = pyte.Screen(80, 40)
+    terminal = pyte.Stream(screen)
+    child = pexpect.spawn(
+        WIZARDCHAT,
+        ["run", "-m", str(models.scripted), "--no-stats"],
+        env={**os.environ, "TERM": "xterm-256color", "EDITOR": str(editor), "VISUAL": ""},
+        encoding="utf-8",
+        dimensions=(40, 80),
+        timeout=30,
+    )
+
+    def until(text: str) -> list[str]:
+        """Feed the terminal until `text` is on the screen; return the screen's lines."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            lines = [line.rstrip() for line in screen.display]
+            if text in "\n".join(lines):
+                return lines
+            try:
+                data = child.read_nonblocking(65536, timeout=0.2)
+            except pexpect.TIMEOUT:
+                continue
+            terminal.feed(data)
+            for _ in range(data.count("\x1b[6n")):  # where the cursor is, as a terminal answers
+                child.send(f"\x1b[{screen.cursor.y + 1};{screen.cursor.x + 1}R")
+        raise AssertionError(f"{text!r} never appeared:\n" + "\n".join(screen.display))
+
+    try:
+        until("/help for commands")
+        until(">>>")
+        child.send("/edit\r")
+        until(SCRIPT_REPLY)
+        child.sendcontrol("g")
+        until("line two")
+        child.send("!\r")
+        until(SCRIPT_REPLY + "\n\n>>> from the editor\n... line two!\n" + SCRIPT_REPLY)
+        lines = until(">>> from the editor\n... line two!\n" + SCRIPT_REPLY + "\n\n>>>")
+        shown = "\n".join(lines)
+        assert ">>> /edit\n>>> from the editor\n... line two\n" + SCRIPT_REPLY in shown, shown
+    finally:
+        child.close(force=True)
 
 
 def test_tab_completes_commands_and_paths(
@@ -443,3 +531,77 @@ def test_output_to_a_file_is_the_replies_alone(models: Models, tmp_path: Path) -
     child.close()
     assert child.exitstatus == 0
     assert transcript.read_text(encoding="utf-8") == f"{SCRIPT_REPLY}\n\n"
+
+
+def test_output_to_a_file_leaves_marks_and_messages_on_their_own_lines(
+    models: Models, tmp_path: Path
+) -> None:
+    """With stdout in a file, the prompt, notes and echoes share the terminal (stderr): each
+    starts on its own line, whatever ended the line before (Enter, Ctrl-C, Ctrl-D)."""
+    transcript = tmp_path / "out.txt"
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "from the editor\\n" > "$1"\n')
+    editor.chmod(0o755)
+    child = pexpect.spawn(
+        "/bin/sh",
+        # exec: no shell that dies of the Ctrl-C below when wizardchat ends
+        ["-c", f'exec "{WIZARDCHAT}" run -m "{models.scripted}" -n 3 > "{transcript}"'],
+        env={**os.environ, "EDITOR": str(editor), "VISUAL": ""},
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect_exact("/help for commands")
+        child.expect_exact(">>> ")
+        child.send("Hi\r")
+        child.expect_exact(">>> ")
+        out = clean(str(child.before))
+        assert "[max tokens reached]\n3 tokens · " in out, out  # on the terminal, not in the file
+        child.send("/edit\r")
+        child.expect_exact("/edit")
+        child.expect_exact(">>> ")  # the message, echoed on the terminal on its own line
+        assert clean(str(child.before)) == "\n", repr(child.before)
+        child.expect_exact("from the editor\r\n[max tokens reached]")
+        child.expect_exact(">>> ")
+        child.send("half a thought")
+        child.sendcontrol("c")  # the terminal echoes ^C and drops the line
+        child.expect_exact("(Ctrl-C again or Ctrl-D to exit)")
+        assert clean(str(child.before)).endswith("^C\n"), repr(child.before)
+        child.expect_exact(">>> ")
+        child.send("partial")
+        child.sendcontrol("d")
+        child.sendcontrol("d")  # as in `cat`, the second Ctrl-D sends the text, no newline
+        child.expect_exact(">>> ")
+        assert clean(str(child.before)).startswith("partial\n[max tokens reached]"), repr(
+            child.before
+        )
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        goodbye = clean(str(child.before))
+        assert goodbye.startswith("\nsaved as '"), repr(child.before)
+        assert child.wait() == 0  # the model's memory is freed after the terminal's last line
+        assert transcript.read_text(encoding="utf-8") == "Hello, world\n\n" * 3
+    finally:
+        child.close(force=True)
+
+
+def test_sigterm_at_a_plain_prompt_leaves_the_terminal_on_a_new_line(
+    models: Models, tmp_path: Path
+) -> None:
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", f'exec "{WIZARDCHAT}" run -m "{models.scripted}" > "{tmp_path / "out.txt"}"'],
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect_exact("/help for commands")
+        child.expect_exact(">>> ")
+        child.send("half a thought")
+        child.expect_exact("thought")
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+        assert clean(str(child.before)) == "\n", repr(child.before)  # the shell's prompt is next
+        assert child.wait() == 143
+    finally:
+        child.close(force=True)

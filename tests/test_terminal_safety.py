@@ -368,6 +368,7 @@ def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
             out.text("t\x1b[2J")
             out.rows([("r\x1b[2J", "c\x07")])
             out.past_turn("u\x1bc", "p\x9d")
+            out.message("m\x1b[2J\nm2\x07")  # a message from $EDITOR, echoed
             out.note("n\x1b]0;x\x07")
             out.error("e\x1b[2J")
         received = _drain(master).decode()
@@ -377,12 +378,15 @@ def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
     assert_safe(received + err.getvalue(), (*RAW, "\x1bc", "\x1b]0;"))
     for shown in (r"t\x1b[2J", r"r\x1b[2J", r"c\x07", r"u\x1bc", r"p\x9d"):
         assert shown in received
+    assert ">>> m\\x1b[2J\r\n... m2\\x07" in received
     assert err.getvalue() == "n\\x1b]0;x\\x07\nerror: e\\x1b[2J\n"
     # A file is not a terminal: stdout keeps the exact text, stderr is still made safe.
     with (tmp_path / "out").open("w", encoding="utf-8") as f:
         out = PlainOutput(f, err)
         out.text("t\x1b[2J")
+        out.message("m\x1b[2J")  # the echo goes where the prompt is: the terminal, on stderr
     assert (tmp_path / "out").read_text(encoding="utf-8") == "t\x1b[2J\n"
+    assert err.getvalue().endswith(">>> m\\x1b[2J\n")
 
 
 def test_rich_output_gives_rich_no_raw_control() -> None:
@@ -399,9 +403,10 @@ def test_rich_output_gives_rich_no_raw_control() -> None:
     out.text("t\x1bc")
     out.rows([("r\x1b[2J", "c\x07")])
     out.past_turn("u\x1bc", "p\x1b[2J")
+    out.message("m\x1b[2J")
     received = screen.getvalue()
     assert_safe(received, (*RAW, "\x1bc", "\x1b]0;"))
     for shown in (r"a\x1b[2Jb\x07c\x9d", r"n\x1b]0;x\x07", r"e\x1b[2J", r"t\x1bc"):
         assert shown in received
-    for shown in (r"r\x1b[2J", r"c\x07", r"u\x1bc", r"p\x1b[2J"):
+    for shown in (r"r\x1b[2J", r"c\x07", r"u\x1bc", r"p\x1b[2J", r">>> m\x1b[2J"):
         assert shown in received

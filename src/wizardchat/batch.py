@@ -71,8 +71,10 @@ class Batch:
         if self.termination is not None and self.termination.received:
             self.result.terminated = self.termination.exit_code
         last = self.session.last
-        if last is not None and last.context_full:
-            self.error(last.context_full_note())
+        if last is not None and last.finish != "interrupted":  # a signal's end needs no mark
+            mark = last.end_mark()  # a cut or empty reply: on stderr, the replies stay exact
+            if mark:
+                self.error(mark)
 
 
 def answer_record(reply: str, model: str, last: TurnResult) -> dict[str, Any]:

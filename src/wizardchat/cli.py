@@ -452,8 +452,8 @@ def ask(
             reply = stream_plain(session.send(text), out)
             out.write("\n")
         out.flush()
-        if session.last is not None and session.last.context_full:
-            _err(session.last.context_full_note())  # never a silent cut
+        if session.last is not None and session.last.end_mark():
+            _err(session.last.end_mark())  # never a silent cut or a silent empty reply
 
 
 RUN_EXAMPLES = r"""

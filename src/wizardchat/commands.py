@@ -310,6 +310,7 @@ def _edit(repl: Repl, arg: str) -> None:
     if not text.strip():
         repl.out.note("empty message: nothing sent")
         return
+    repl.out.message(text.strip())  # in the scrollback, as a typed message is
     repl.reply_to(text.strip())
 
 

@@ -1,9 +1,10 @@
 """Reading the user's messages: prompt-toolkit on a real terminal, plain lines elsewhere.
 
 Both readers return one message per call, raise EOFError on Ctrl-D, and raise KeyboardInterrupt
-for Ctrl-C on an empty line (Ctrl-C on a line with text just clears it). prompt-toolkit is
-imported only here and only when a terminal can use it, so batch mode and `--help` never pay
-for it.
+for Ctrl-C on an empty line (prompt-toolkit's Ctrl-C on a line with text just clears it; with
+plain line input the terminal drops the line itself, so every Ctrl-C counts as on an empty
+line). prompt-toolkit is imported only here and only when a terminal can use it, so batch mode
+and `--help` never pay for it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def unwrap_block(text: str) -> str:
     return text
 
 
+def as_typed(message: str) -> str:
+    """`message` as it looks typed at the prompt: `>>> ` before the first line, `... ` before
+    the others (for a message the terminal did not echo, one composed in $EDITOR)."""
+    first, *rest = message.split("\n")
+    return "\n".join([PROMPT + first, *(CONTINUATION + line for line in rest)])
+
+
 class LineReader(Protocol):
     """Where the REPL gets messages from."""
 
@@ -65,10 +73,23 @@ class PlainReader:
     def _line(self, prompt: str) -> str:
         self.prompt_out.write(prompt)
         self.prompt_out.flush()
-        line = self.stdin.readline()
+        try:
+            line = self.stdin.readline()
+        except BaseException:
+            self._end_line()  # Ctrl-C (the terminal echoed ^C), SIGTERM: no Enter ended it
+            raise
+        if not line.endswith("\n"):
+            self._end_line()  # Ctrl-D: the terminal echoes nothing, the cursor stays put
         if not line:
             raise EOFError
         return line.rstrip("\r\n")
+
+    def _end_line(self) -> None:
+        """Move off the prompt line, so what is printed next (a note, the goodbye, the shell's
+        prompt) starts on its own line."""
+        with contextlib.suppress(OSError, ValueError):  # the terminal may have hung up
+            self.prompt_out.write("\n")
+            self.prompt_out.flush()
 
     def read(self, status: str) -> str:
         first = self._line(PROMPT)
@@ -101,11 +122,13 @@ class ToolkitReader:
         self._warn = warn
         self._warned = False
         self._status = ""
+        # Ctrl-C cleared a line with text during the last `read`: not a step toward exiting.
+        self.cleared_a_line = False
         self.session: PromptSession[str] = PromptSession(
             history=self._history,
             completer=_completer(command_names, argument_kinds, session_names, setting_names),
             complete_while_typing=False,
-            key_bindings=_key_bindings(),
+            key_bindings=_key_bindings(on_clear=self._cleared),
             bottom_toolbar=lambda: self._status,
             enable_open_in_editor=True,
             enable_suspend=True,  # Ctrl-Z stops the process as in any shell program; fg resumes
@@ -116,10 +139,14 @@ class ToolkitReader:
     def read(self, status: str) -> str:
         self._report_history_problem()
         self._status = status
+        self.cleared_a_line = False
         try:
             return unwrap_block(self.session.prompt(PROMPT))
         finally:
             self._report_history_problem()
+
+    def _cleared(self) -> None:
+        self.cleared_a_line = True
 
     def stop(self, reason: BaseException) -> None:
         """End the prompt being read by raising `reason` from `read` (a signal's way out).
@@ -204,7 +231,7 @@ def _private_file(path: Path) -> None:
         os.close(fd)
 
 
-def _key_bindings() -> KeyBindings:
+def _key_bindings(on_clear: Callable[[], None]) -> KeyBindings:
     from prompt_toolkit.filters import Condition
     from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
@@ -238,6 +265,7 @@ def _key_bindings() -> KeyBindings:
         buffer = event.current_buffer
         if buffer.text:
             buffer.reset()
+            on_clear()
         else:
             event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 

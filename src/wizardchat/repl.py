@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from wizardchat import commands
 from wizardchat.errors import WizardchatError
-from wizardchat.reader import PROMPT, LineReader
+from wizardchat.reader import PROMPT, LineReader, as_typed
 from wizardchat.recording import continue_command, saved_session
 from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.session import ChatSession, TurnResult
@@ -73,6 +73,8 @@ class Output(Protocol):
 
     def past_turn(self, user: str, reply: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 def _table_lines(rows: Sequence[tuple[str, ...]], header: bool) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -122,6 +124,13 @@ class PlainOutput:
 
     def past_turn(self, user: str, reply: str) -> None:
         self.text(f"{PROMPT}{user}\n{reply}\n")
+
+    def message(self, text: str) -> None:
+        """Show a sent message the terminal did not echo, where the prompt is (stdout on a
+        terminal, else stderr: a transcript file gets the replies alone)."""
+        where = self.out if self._safe_out else self.err
+        where.write(terminal_safe(as_typed(text)) + "\n")
+        where.flush()
 
 
 class RichOutput:
@@ -175,18 +184,32 @@ class RichOutput:
         self.console.print(Markdown(terminal_safe(reply)))
         self.console.print()
 
+    def message(self, text: str) -> None:
+        """Show a sent message the terminal did not echo, as a typed one looks."""
+        from rich.text import Text
+
+        self.console.print(Text(terminal_safe(as_typed(text))), soft_wrap=True)
+
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def stats_line(last: TurnResult) -> str:
-    """The dim line after a reply: tokens, speed, time to first token."""
+    """The dim line after a reply: tokens, speed, time to first token; or, when no token came,
+    what happened instead (a "0.0 tok/s" would say nothing)."""
     t = last.timings
-    return (
-        f"{last.completion_tokens} tokens · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s · "
-        f"first token {t.get('prompt_seconds', 0.0):.2f} s"
-    )
+    tokens = last.completion_tokens
+    if tokens == 0 and last.finish == "interrupted":
+        return (
+            f"interrupted before the first token · {last.seconds:.2f} s into a "
+            f"{last.prompt_tokens:,}-token prompt"
+        )
+    if tokens == 0:
+        return f"0 tokens · end of turn after {t.get('prompt_seconds', 0.0):.2f} s"
+    # One token has no speed: the rate is measured from the first token to the last.
+    speed = f" · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s" if tokens > 1 else ""
+    return f"{_plural(tokens, 'token')}{speed} · first token {t.get('prompt_seconds', 0.0):.2f} s"
 
 
 @contextlib.contextmanager
@@ -427,6 +450,8 @@ class Repl:
             except EOFError:
                 break
             except KeyboardInterrupt:
+                if getattr(self.reader, "cleared_a_line", False):
+                    armed = False  # a Ctrl-C that cleared text was no step toward exiting
                 if armed:
                     break
                 armed = True
@@ -483,15 +508,9 @@ class Repl:
             raise commands.LeaveRepl
         last = self.session.last
         if last is not None:
-            if last.dropped:
-                self.out.note(
-                    "[interrupted before the reply began: the model will not see this message; "
-                    "it stays in the saved conversation]"
-                )
-            elif last.finish == "interrupted":
-                self.out.note("[interrupted]")
-            elif last.context_full:
-                self.out.note(last.context_full_note())
-            if self.show_stats and not last.dropped:
+            mark = last.end_mark()
+            if mark:
+                self.out.note(mark)
+            if self.show_stats:
                 self.out.note(stats_line(last))
         self.out.text("")

@@ -140,6 +140,12 @@ def eviction_note(evicted: int, in_view: int, total: int) -> str:
     )
 
 
+DROPPED_MARK = (
+    "[interrupted before the reply began: the model will not see this message; "
+    "it stays in the saved conversation]"
+)
+
+
 @dataclass
 class TurnResult:
     """The outcome of one `send`: the reply and what it cost."""
@@ -165,6 +171,21 @@ class TurnResult:
             f"[reply cut at {self.completion_tokens} tokens: the context is full; the next "
             "message makes room by evicting the oldest turns, a larger --ctx-size gives more]"
         )
+
+    def end_mark(self) -> str:
+        """The mark shown after a reply that did not simply end with text ("" when it did):
+        interrupted, cut by the context or by --max-tokens, or empty. No cut is ever silent."""
+        if self.dropped:
+            return DROPPED_MARK
+        if self.finish == "interrupted":
+            return "[interrupted]"
+        if self.context_full:
+            return self.context_full_note()
+        if self.finish == "length":
+            return "[max tokens reached]"
+        if not self.reply.strip():
+            return "[empty reply]"  # the model ended its turn at once (or wrote only spaces)
+        return ""
 
     timings: dict[str, float] = field(default_factory=dict)
 
