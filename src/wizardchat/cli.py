@@ -339,6 +339,10 @@ def ask(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and its stats.")
     ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option("--plain", help="The reply's raw text on a terminal too, no markdown."),
+    ] = False,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,
     model: ModelOpt = None,
@@ -371,7 +375,7 @@ def ask(
     flags = {
         k: v
         for k, v in locals().items()
-        if k not in ("prompt", "json_output", "verbose_prompt", "yes")
+        if k not in ("prompt", "json_output", "plain", "verbose_prompt", "yes")
     }
     from wizardchat.inputs import repair_text
 
@@ -403,11 +407,17 @@ def ask(
             from wizardchat.safe_text import json_safe
 
             out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
-        else:
+        elif _plain_output_wanted(plain):  # a pipe or file gets the reply byte for byte
             from wizardchat.render import stream_plain
 
             reply = stream_plain(session.send(text), out)
             out.write("\n")
+        else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
+            from rich.console import Console
+
+            from wizardchat.markdown_stream import stream_markdown
+
+            reply = stream_markdown(session.send(text), Console(highlight=False))
         out.flush()
         if session.last is not None and session.last.context_full:
             _err(session.last.context_full_note())  # never a silent cut

@@ -1,0 +1,73 @@
+"""`wizardchat ask` on a terminal, in a real pty: rendered as the REPL renders; raw when piped."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pexpect
+import pyte
+import pytest
+from conftest import WIZARDCHAT, run_cli
+from gguf_models import write_model
+
+# A reply that starts with blank lines and is wider than the 12-column terminal below.
+WIDE_PIECES = ("<0x0A>", "Hello", ",", "▁world", "!", "▁I", "▁am", "▁WizardLM")
+WIDE_REPLY = "\nHello, world! I am WizardLM"
+COLUMNS = 12
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("wide") / "wide.gguf", script=WIDE_PIECES)
+
+
+def ask_in_pty(model: Path, *flags: str, stderr_to: Path) -> tuple[str, int]:
+    """`wizardchat ask` with stdout on a 12-column terminal (stderr to a file); the raw output
+    and the exit status."""
+    command = shlex.join([WIZARDCHAT, "ask", "Hi", "-m", str(model), *flags])
+    env = {**os.environ, "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", f"{command} 2>{shlex.quote(str(stderr_to))}"],
+        env=env,
+        encoding="utf-8",
+        dimensions=(24, COLUMNS),
+        timeout=60,
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    return str(child.before), int(child.exitstatus if child.exitstatus is not None else -1)
+
+
+def screen_rows(raw: str) -> list[str]:
+    """The terminal's rows after `raw`, trailing blank rows dropped."""
+    screen = pyte.Screen(COLUMNS, 24)
+    pyte.Stream(screen).feed(raw)
+    rows = [line.rstrip() for line in screen.display]
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def test_ask_on_a_terminal_wraps_words_and_drops_leading_blank_lines(
+    wide_model: Path, tmp_path: Path
+) -> None:
+    raw, status = ask_in_pty(wide_model, stderr_to=tmp_path / "err")
+    assert status == 0
+    assert screen_rows(raw) == ["Hello,", "world! I am", "WizardLM"]
+
+
+def test_ask_plain_on_a_terminal_is_the_raw_text(wide_model: Path, tmp_path: Path) -> None:
+    raw, status = ask_in_pty(wide_model, "--plain", stderr_to=tmp_path / "err")
+    assert status == 0
+    assert "\x1b" not in raw
+    assert raw == WIDE_REPLY.replace("\n", "\r\n") + "\r\n"  # the tty turns \n into \r\n
+
+
+def test_ask_into_a_pipe_stays_the_raw_reply(wide_model: Path) -> None:
+    r = run_cli("ask", "Hi", "-m", str(wide_model))
+    assert r.code == 0
+    assert r.stdout == WIDE_REPLY + "\n"
