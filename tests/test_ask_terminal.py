@@ -71,3 +71,40 @@ def test_ask_into_a_pipe_stays_the_raw_reply(wide_model: Path) -> None:
     r = run_cli("ask", "Hi", "-m", str(wide_model))
     assert r.code == 0
     assert r.stdout == WIDE_REPLY + "\n"
+
+
+# --- the prompt's evaluation shows on stderr -----------------------------------------------------
+
+LONG_PROMPT = "word " * 1200  # 2,400 tokens: a second or more to evaluate on the slow model
+PROGRESS = r"evaluating 2,\d{3} tokens… \d{1,2}%"  # a percentage: after a batch of 256
+
+
+def test_ask_shows_the_prompt_progress_on_a_terminal_then_erases_it(models) -> None:
+    env = {**os.environ, "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(
+        WIZARDCHAT,
+        ["ask", LONG_PROMPT, "-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "5"],
+        env=env,
+        encoding="utf-8",
+        dimensions=(24, 80),
+        timeout=300,  # a loaded machine
+    )
+    child.expect(PROGRESS)
+    before = str(child.before) + str(child.after)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    raw = before + str(child.before)
+    screen = pyte.Screen(80, 24)
+    pyte.Stream(screen).feed(raw)
+    shown = "\n".join(screen.display)
+    assert "evaluating" not in shown and "tokens…" not in shown  # erased before the reply
+    assert shown.strip()  # the reply
+
+
+def test_ask_shows_no_progress_when_stderr_is_not_a_terminal(models) -> None:
+    flags = ("-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "1")
+    r = run_cli("ask", LONG_PROMPT, *flags, timeout=300)
+    assert r.code == 0
+    assert r.stderr == ""

@@ -36,6 +36,7 @@ from wizardchat.signals import Terminated
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.render import PromptProgressLine
     from wizardchat.repl import Repl
     from wizardchat.session import ChatSession
     from wizardchat.store import SavedSession, SessionStore
@@ -226,6 +227,13 @@ def _open_engine(settings: Settings, log: IO[str]) -> LlamaEngine:
     return engine
 
 
+def _prompt_progress() -> PromptProgressLine | None:
+    """The prompt's evaluation shown on stderr when it is a terminal; nothing elsewhere."""
+    from wizardchat.render import PromptProgressLine
+
+    return PromptProgressLine(sys.stderr) if sys.stderr.isatty() else None
+
+
 def _show_prompt(text: str, n_tokens: int) -> None:
     _err(f"--- prompt: {n_tokens} tokens ---\n{text}\n--- end of prompt ---")
 
@@ -389,6 +397,8 @@ def ask(
     out = _reply_output()
     with _engine(settings, verbose_prompt) as (engine, session):
         from wizardchat.inputs import check_fits
+
+        session.progress = _prompt_progress()
 
         check_fits(text, engine.n_ctx, "input too long for the context")
         if json_output:
@@ -586,6 +596,7 @@ def _repl(
         warn=_err,
     )
     session.notify = out.note
+    session.progress = _prompt_progress()
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
     return Repl(session, engine, store, reader, out, show_stats=show_stats)
 
