@@ -108,3 +108,26 @@ def test_ask_shows_no_progress_when_stderr_is_not_a_terminal(models) -> None:
     r = run_cli("ask", LONG_PROMPT, *flags, timeout=300)
     assert r.code == 0
     assert r.stderr == ""
+
+
+def test_batch_mode_shows_the_prompt_progress_on_a_terminal_then_erases_it(
+    models, tmp_path: Path
+) -> None:
+    """`run` with piped lines and stderr on a terminal: the same line, erased the same way."""
+    (tmp_path / "lines.txt").write_text(LONG_PROMPT + "\n", encoding="utf-8")
+    flags = ["-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "5"]
+    command = shlex.join([WIZARDCHAT, "run", *flags]) + " < lines.txt"
+    env = {**os.environ, "TERM": "xterm-256color"}
+    child = pexpect.spawn(
+        "/bin/sh", ["-c", command], env=env, encoding="utf-8", dimensions=(24, 80),
+        timeout=300, cwd=str(tmp_path),
+    )  # fmt: skip
+    child.expect(PROGRESS)
+    raw = str(child.before) + str(child.after)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    screen = pyte.Screen(80, 24)
+    pyte.Stream(screen).feed(raw + str(child.before))
+    shown = "\n".join(screen.display)
+    assert "evaluating" not in shown and shown.strip()

@@ -543,6 +543,7 @@ def _run_batch(
     from wizardchat.recording import Recording, free_name
     from wizardchat.signals import Termination
 
+    session.progress = _prompt_progress()  # a resumed history can take a while to evaluate
     recording = None
     if saved is not None:
         session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
