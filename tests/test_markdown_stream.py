@@ -565,3 +565,39 @@ def test_every_frame_shows_each_finished_block_once(step: float) -> None:
     show_writes(len(PARAGRAPHS))
     assert screen_rows(screen) == PARAGRAPHS
     assert stream.refreshes > 10 and frames > 20
+
+
+@pytest.mark.parametrize(("step", "seed"), [(0.02, 0), (1.0, 1)])
+def test_no_frame_of_a_tall_reply_shows_a_line_twice(step: float, seed: int) -> None:
+    """Headings, lists, code, tables and quotes too: a line the whole reply shows once is on the
+    screen (and the scrollback just above it) at most once after every write."""
+    reference = terminal_console(None)
+    reference.print(Markdown(TALL))
+    final = [row.strip() for row in text_of(terminal_cells(output(reference)))]
+    unique = {row for row in final if len(row) > 8 and final.count(row) == 1}
+
+    file = WriteLog()
+    console = Console(file=file, width=COLUMNS, height=ROWS, force_terminal=True, color_system=None)
+    screen = pyte.HistoryScreen(COLUMNS, ROWS, history=10_000)
+    terminal = pyte.Stream(screen)
+    clock = Clock(step)
+    stream = MarkdownStream(console, clock=clock)
+    rng = random.Random(seed)
+    seen = pos = 0
+    while pos <= len(TALL):
+        if pos < len(TALL):
+            n = rng.randint(1, 8)
+            stream.feed(TALL[pos : pos + n])
+            clock.tick()
+            pos += n
+        else:
+            stream.finish()
+            pos += 1
+        for text in file.writes[seen:]:
+            terminal.feed(text.replace("\n", "\r\n"))
+            near = [*list(screen.history.top)[-ROWS:], *(screen.buffer[y] for y in range(ROWS))]
+            rows = ["".join(r[x].data for x in range(COLUMNS)).strip() for r in near]
+            doubled = [row for row in unique if rows.count(row) > 1]
+            assert not doubled, rows
+        seen = len(file.writes)
+    assert stream.refreshes > 50
