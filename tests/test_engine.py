@@ -341,3 +341,57 @@ def test_ctrl_c_at_any_moment_of_ask_ends_with_130_and_no_traceback(models) -> N
         assert proc.returncode in (0, ExitCode.INTERRUPTED), (delay, stderr[-2000:])
         assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
     assert ExitCode.INTERRUPTED in codes
+
+
+# --- progress while a prompt is evaluated -------------------------------------------------------
+
+
+class ProgressLog:
+    """Records what the engine reports while it evaluates a prompt."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, int] | str] = []
+
+    def update(self, done: int, total: int) -> None:
+        self.events.append((done, total))
+
+    def end(self) -> None:
+        self.events.append("end")
+
+
+def test_prompt_progress_after_each_batch_and_none_while_decoding(models, engine_factory) -> None:
+    import threading
+
+    engine = engine_factory(models.slow, ctx_size=4096, batch_size=256)
+    prompt = [engine.bos, *engine.tokenize("word " * 500)]
+    n = len(prompt)
+    log = ProgressLog()
+    got = []
+    for token, _ in engine.stream(prompt, 20, threading.Event(), progress=log):
+        got.append(token)
+        assert log.events[-1] == "end"  # the progress is over before the first token shows
+    assert len(got) == 20
+    steps = [*range(0, n, 256), n]
+    assert log.events == [*((done, n) for done in steps), "end"]  # nothing per generated token
+
+    # A reply whose prompt the cache holds but for its last turn reports only that part.
+    log = ProgressLog()
+    more = [*prompt, *got, *engine.tokenize(" word word word")]
+    stream = engine.stream(more, 2, threading.Event(), progress=log)
+    list(stream)
+    evaluated = stream.stats.evaluated_tokens
+    assert 0 < evaluated < 30
+    assert log.events == [(0, evaluated), (evaluated, evaluated), "end"]
+
+
+def test_prompt_progress_ends_when_the_prompt_is_aborted(models, engine_factory) -> None:
+    import threading
+
+    engine = engine_factory(models.slow, ctx_size=4096, batch_size=256)
+    prompt = [engine.bos, *engine.tokenize("word " * 1000)]
+    cancelled = threading.Event()
+    cancelled.set()
+    log = ProgressLog()
+    stream = engine.stream(prompt, 5, cancelled, abort_prompt=True, progress=log)
+    assert list(stream) == [] and stream.stats.finish == "interrupted"
+    assert log.events[0] == (0, len(prompt)) and log.events[-1] == "end"

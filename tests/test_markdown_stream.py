@@ -489,3 +489,115 @@ def test_no_live_region_on_a_plain_file() -> None:
     assert output(console) == ""
     stream.finish()
     assert output(console) == one_shot("".join(f"w{i} " for i in range(100)))
+
+
+# --- every frame the terminal shows -----------------------------------------------------------
+
+
+class WriteLog(io.StringIO):
+    """A console file that remembers each write: the terminal shows the screen after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def screen_rows(screen: pyte.HistoryScreen) -> list[str]:
+    """The non-blank rows of scrollback and screen, top to bottom."""
+    rows = [*screen.history.top, *(screen.buffer[y] for y in range(screen.lines))]
+    text = ["".join(row[x].data for x in range(screen.columns)).rstrip() for row in rows]
+    return [row for row in text if row]
+
+
+PARAGRAPHS = [f"Paragraph {i} says {' '.join(['word'] * (i % 4 + 1))} {i}." for i in range(12)]
+
+
+def check_frame(rows: list[str], finished: int) -> None:
+    """Rows show paragraphs 0..k-1 once each, in order, then maybe a part of paragraph k; and
+    at least the `finished` first ones in full."""
+    complete = 0
+    while complete < len(rows) and rows[complete] == PARAGRAPHS[complete]:
+        complete += 1
+    rest = rows[complete:]
+    assert len(rest) <= 1, rows  # a doubled or misplaced row
+    if rest:
+        partial = rest[0]
+        assert complete < len(PARAGRAPHS) and PARAGRAPHS[complete].startswith(partial), rows
+    assert complete >= finished, rows
+
+
+@pytest.mark.parametrize("step", [0.02, 0.07, 1.0])
+def test_every_frame_shows_each_finished_block_once(step: float) -> None:
+    """The screen after each write the terminal gets, not only at the end: a finished block is
+    never shown twice (once printed, once still in the live region) nor missing."""
+    file = WriteLog()
+    console = Console(file=file, width=COLUMNS, height=ROWS, force_terminal=True, color_system=None)
+    screen = pyte.HistoryScreen(COLUMNS, ROWS, history=10_000)
+    terminal = pyte.Stream(screen)
+    seen = 0
+    frames = 0
+
+    def show_writes(finished: int) -> None:
+        nonlocal seen, frames
+        for text in file.writes[seen:]:
+            terminal.feed(text.replace("\n", "\r\n"))
+            check_frame(screen_rows(screen), finished)
+            frames += 1
+        seen = len(file.writes)
+
+    clock = Clock(step)
+    stream = MarkdownStream(console, clock=clock)
+    text = "\n\n".join(PARAGRAPHS) + "\n"
+    tokens = re.findall(r"\S+\s*", text)
+    fed = ""
+    for token in tokens:
+        stream.feed(token)
+        fed += token
+        clock.tick()
+        # A paragraph is finished once the next one's first line is complete.
+        finished = max(0, sum(1 for p in PARAGRAPHS if p + "\n" in fed) - 1)
+        show_writes(min(finished, len(PARAGRAPHS)))
+    stream.finish()
+    show_writes(len(PARAGRAPHS))
+    assert screen_rows(screen) == PARAGRAPHS
+    assert stream.refreshes > 10 and frames > 20
+
+
+@pytest.mark.parametrize(("step", "seed"), [(0.02, 0), (1.0, 1)])
+def test_no_frame_of_a_tall_reply_shows_a_line_twice(step: float, seed: int) -> None:
+    """Headings, lists, code, tables and quotes too: a line the whole reply shows once is on the
+    screen (and the scrollback just above it) at most once after every write."""
+    reference = terminal_console(None)
+    reference.print(Markdown(TALL))
+    final = [row.strip() for row in text_of(terminal_cells(output(reference)))]
+    unique = {row for row in final if len(row) > 8 and final.count(row) == 1}
+
+    file = WriteLog()
+    console = Console(file=file, width=COLUMNS, height=ROWS, force_terminal=True, color_system=None)
+    screen = pyte.HistoryScreen(COLUMNS, ROWS, history=10_000)
+    terminal = pyte.Stream(screen)
+    clock = Clock(step)
+    stream = MarkdownStream(console, clock=clock)
+    rng = random.Random(seed)
+    seen = pos = 0
+    while pos <= len(TALL):
+        if pos < len(TALL):
+            n = rng.randint(1, 8)
+            stream.feed(TALL[pos : pos + n])
+            clock.tick()
+            pos += n
+        else:
+            stream.finish()
+            pos += 1
+        for text in file.writes[seen:]:
+            terminal.feed(text.replace("\n", "\r\n"))
+            near = [*list(screen.history.top)[-ROWS:], *(screen.buffer[y] for y in range(ROWS))]
+            rows = ["".join(r[x].data for x in range(COLUMNS)).strip() for r in near]
+            doubled = [row for row in unique if rows.count(row) > 1]
+            assert not doubled, rows
+        seen = len(file.writes)
+    assert stream.refreshes > 50

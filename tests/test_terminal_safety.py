@@ -140,7 +140,10 @@ def test_json_safe_keeps_the_value() -> None:
 
 
 def test_ask_on_a_terminal_shows_controls(evil_model: Path) -> None:
-    received = run_on_terminal("ask", "Hi", "-m", str(evil_model))
+    received = run_on_terminal("ask", "Hi", "-m", str(evil_model))  # markdown, as in the chat
+    assert_safe(received)
+    assert all(part in received for part in SHOWN_MARKDOWN), received
+    received = run_on_terminal("ask", "Hi", "-m", str(evil_model), "--plain")
     assert_safe(received)
     assert SHOWN in received
 

@@ -39,6 +39,7 @@ from wizardchat.usage import STATE as _state
 
 if TYPE_CHECKING:
     from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.render import PromptProgressLine
     from wizardchat.repl import Repl
     from wizardchat.session import ChatSession
     from wizardchat.store import SavedSession, SessionStore
@@ -258,6 +259,13 @@ def _open_engine(settings: Settings, log: IO[str], plan_line: bool = True) -> Ll
     return engine
 
 
+def _prompt_progress() -> PromptProgressLine | None:
+    """The prompt's evaluation shown on stderr when it is a terminal; nothing elsewhere."""
+    from wizardchat.render import PromptProgressLine
+
+    return PromptProgressLine(sys.stderr) if sys.stderr.isatty() else None
+
+
 def _show_prompt(text: str, n_tokens: int) -> None:
     _err(f"--- prompt: {n_tokens} tokens ---\n{text}\n--- end of prompt ---")
 
@@ -389,6 +397,10 @@ def ask(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option("--plain", help="The reply's raw text on a terminal too, no markdown."),
+    ] = False,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,
     model: ModelOpt = None,
@@ -421,7 +433,7 @@ def ask(
     flags = {
         k: v
         for k, v in locals().items()
-        if k not in ("prompt", "json_output", "verbose_prompt", "yes")
+        if k not in ("prompt", "json_output", "plain", "verbose_prompt", "yes")
     }
     from wizardchat.inputs import repair_text
 
@@ -436,6 +448,8 @@ def ask(
     with _engine(settings, verbose_prompt) as (engine, session):
         from wizardchat.inputs import check_fits
 
+        session.progress = _prompt_progress()
+
         check_fits(text, engine.n_ctx, "input too long for the context")
         if json_output:
             reply = "".join(session.send(text))
@@ -446,11 +460,17 @@ def ask(
 
             record = answer_record(reply, engine.model_name, last)
             out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
-        else:
+        elif _plain_output_wanted(plain):  # a pipe or file gets the reply byte for byte
             from wizardchat.render import stream_plain
 
             reply = stream_plain(session.send(text), out)
             out.write("\n")
+        else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
+            from rich.console import Console
+
+            from wizardchat.markdown_stream import stream_markdown
+
+            reply = stream_markdown(session.send(text), Console(highlight=False))
         out.flush()
         if session.last is not None and session.last.end_mark():
             _err(session.last.end_mark())  # never a silent cut or a silent empty reply
@@ -604,6 +624,7 @@ def _run_batch(
     from wizardchat.recording import Recording, continue_command, free_name
     from wizardchat.signals import Termination
 
+    session.progress = _prompt_progress()  # a resumed history can take a while to evaluate
     recording = None
     model = session.engine.model_name
     if saved is not None:
@@ -666,6 +687,7 @@ def _repl(
         warn=_err,
     )
     session.notify = out.note
+    session.progress = _prompt_progress()
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
     return Repl(session, engine, store, reader, out, show_stats=show_stats, model_ref=model_ref)
 

@@ -195,6 +195,11 @@ class MarkdownStream:
         # Live redraws in place only on an interactive terminal (not TERM=dumb, say).
         self._live_enabled = console.is_terminal and console.is_interactive
         self._template = Markdown("", code_theme=code_theme)
+        # The live region's content, changed in place: Live.update(x, refresh=False) does not
+        # reach what a console.print redraws below the printed text (rich keeps the last
+        # refreshed renderable there), so a block printed above the region would show again
+        # in it until the next refresh.
+        self._region = _Lines([])
         self._live: Live | None = None
         self._last_refresh = clock()  # the first redraw waits a frame: short replies need none
         self._dirty = False
@@ -243,8 +248,9 @@ class MarkdownStream:
             self._buf = ""
             if rest is not None:
                 self._unprinted.append(rest)
-            if self._live is not None:
-                self._live.update(_Lines([]), refresh=not self._unprinted)
+            self._region.lines = []
+            if self._live is not None and not self._unprinted:
+                self._live.refresh()
             self._print_finished()
         finally:
             if self._live is not None:
@@ -385,6 +391,7 @@ class MarkdownStream:
                 self._print_finished()
                 return
             self._live = Live(
+                self._region,
                 console=self.console,
                 transient=True,
                 auto_refresh=False,
@@ -396,8 +403,11 @@ class MarkdownStream:
             )
             self._live.start()
         if lines is not None:
-            self._live.update(_Lines(lines), refresh=not self._unprinted)
-        self._print_finished()  # each print redraws the live region below what it prints
+            self._region.lines = lines
+        if self._unprinted:
+            self._print_finished()  # each print redraws the region, as it is now, below it
+        elif lines is not None:
+            self._live.refresh()
         self._last_refresh = now
         self.refreshes += 1
 

@@ -32,6 +32,14 @@ class TokenStreamLike(Protocol):
     def __iter__(self) -> Iterator[tuple[int, str]]: ...
 
 
+class PromptProgress(Protocol):
+    """Told how far the engine got evaluating a prompt, and when the reply comes next."""
+
+    def update(self, done: int, total: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
 class ChatEngine(Protocol):
     """What the session needs from a loaded model."""
 
@@ -48,6 +56,7 @@ class ChatEngine(Protocol):
         max_tokens: int,
         cancel: threading.Event,
         abort_prompt: bool = False,
+        progress: PromptProgress | None = None,
     ) -> TokenStreamLike: ...
 
 
@@ -209,6 +218,8 @@ class ChatSession:
         self.cancel_event = threading.Event()
         # Set by callers whose Ctrl-C only calls cancel(): then it stops a prompt's evaluation too.
         self.abort_prompt = False
+        # Shows the prompt's evaluation to the user (on a terminal); None shows nothing.
+        self.progress: PromptProgress | None = None
         self.last: TurnResult | None = None
         self.conversation = self._new_conversation(system)
 
@@ -258,7 +269,11 @@ class ChatSession:
         self.cancel_event.clear()
         budget = conv.max_reply_tokens(turn, self.max_tokens)
         stream = self.engine.stream(
-            prompt, budget, self.cancel_event, abort_prompt=self.abort_prompt
+            prompt,
+            budget,
+            self.cancel_event,
+            abort_prompt=self.abort_prompt,
+            progress=self.progress,
         )
         result = TurnResult(prompt=text, evicted_turns=evicted)
         # A "length" finish is the context's doing (not --max-tokens') when it set the budget.

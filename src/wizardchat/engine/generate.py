@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from wizardchat.engine.model import CountingLlama
+from wizardchat.engine.model import CountingLlama, EvalProgress
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class TokenStream:
     max_tokens: int
     cancel: threading.Event = field(default_factory=threading.Event)
     abort_prompt: bool = False  # let `cancel` stop the prompt's evaluation too (PromptAbort)
+    progress: EvalProgress | None = None  # told after each batch of the prompt, and at its end
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -135,12 +136,15 @@ class TokenStream:
             reset=True,
         )
         abort = PromptAbort(llm, self.cancel) if self.abort_prompt else None
+        llm.eval_progress = self.progress
         try:
             for token in tokens:
                 now = time.perf_counter()
                 if abort is not None:  # the prompt is evaluated: no callback per generated token
                     abort.remove()
                     abort = None
+                if llm.eval_progress is not None:
+                    self._prompt_over()
                 if stats.completion_tokens == 0:
                     first_at = now
                     stats.prompt_seconds = now - start
@@ -170,4 +174,12 @@ class TokenStream:
         finally:
             if abort is not None:
                 abort.remove()
+            if llm.eval_progress is not None:
+                self._prompt_over()
             tokens.close()
+
+    def _prompt_over(self) -> None:
+        """No more progress reports (decoding would report each token): tell the listener."""
+        self.llm.eval_progress = None
+        if self.progress is not None:
+            self.progress.end()

@@ -12,7 +12,7 @@ import llama_cpp
 
 from wizardchat.engine import ggml
 from wizardchat.engine.generate import Sampling, TokenStream
-from wizardchat.engine.model import LoadPlan, ProgressFn, load
+from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
 from wizardchat.engine.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
 from wizardchat.gguf_file import quant_name
 from wizardchat.settings import Settings
@@ -52,9 +52,12 @@ class LlamaEngine:
         max_tokens: int,
         cancel: threading.Event,
         abort_prompt: bool = False,
+        progress: EvalProgress | None = None,
     ) -> TokenStream:
-        """A token stream for one reply."""
-        return TokenStream(self.llm, prompt, self.sampling, max_tokens, cancel, abort_prompt)
+        """A token stream for one reply (`progress` hears how the prompt's evaluation goes)."""
+        return TokenStream(
+            self.llm, prompt, self.sampling, max_tokens, cancel, abort_prompt, progress
+        )
 
     def set_sampling(self, **changes: Any) -> None:
         """Change sampler settings for the next replies (names as in `Sampling`)."""

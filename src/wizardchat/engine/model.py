@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import llama_cpp
 import llama_cpp.llama as llama_module
@@ -30,6 +30,16 @@ LLAMA_CPP_VERSION = "0.3.36"
 # llama.cpp pads every context to a multiple of this (llama-context.cpp: GGML_PAD(n_ctx, 256)).
 CTX_PAD = 256
 ProgressFn = Callable[[float], None]
+
+
+class EvalProgress(Protocol):
+    """Told how far the evaluation of a prompt got, and when it is over."""
+
+    def update(self, done: int, total: int) -> None:
+        """`done` of the prompt's `total` tokens are evaluated ((0, total) first)."""
+
+    def end(self) -> None:
+        """The prompt is evaluated, or its evaluation stopped: the reply comes next."""
 
 
 def check_binding_layout() -> None:
@@ -199,6 +209,9 @@ class CountingLlama(Llama):  # type: ignore[misc]
     """A Llama that counts the tokens it evaluates, so stats show real prefix-cache reuse."""
 
     evaluated_tokens: int = 0
+    # Told how far a prompt's evaluation got; set only while a prompt is evaluated (TokenStream),
+    # so decoding, which evaluates one token at a time, pays one attribute check per token.
+    eval_progress: EvalProgress | None = None
     _metadata: dict[str, str]
 
     @property
@@ -218,8 +231,20 @@ class CountingLlama(Llama):  # type: ignore[misc]
         }
 
     def eval(self, tokens: Any) -> None:
-        self.evaluated_tokens += len(tokens)
-        super().eval(tokens)
+        progress = self.eval_progress
+        if progress is None:
+            self.evaluated_tokens += len(tokens)
+            super().eval(tokens)
+            return
+        # Llama.eval decodes n_batch tokens at a time; the same batches one call each, so the
+        # progress can be told after each one (llama.cpp's work is the same).
+        total = len(tokens)
+        progress.update(0, total)
+        for start in range(0, total, self.n_batch):
+            batch = tokens[start : start + self.n_batch]
+            self.evaluated_tokens += len(batch)
+            super().eval(batch)
+            progress.update(start + len(batch), total)
 
 
 _params_lock = threading.Lock()
