@@ -266,15 +266,12 @@ def tiny_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHu
         yield server
 
 
-def test_declining_the_download_is_not_an_error(tiny_hub: FakeHub) -> None:
+def _answer_no(*args: str) -> tuple[int | None, str]:
+    """Run wizardchat on a terminal, answer its [y/N] question with n: (exit status, output)."""
     import pexpect
 
     child = pexpect.spawn(
-        WIZARDCHAT,
-        ["run", "-m", "wizardlm2-7b:Q5_K_M", "-c", "512", "--plain"],
-        env={**os.environ, "TERM": "dumb"},
-        encoding="utf-8",
-        timeout=60,
+        WIZARDCHAT, list(args), env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=60
     )
     try:
         child.expect(r"\[y/N\] ")
@@ -283,7 +280,12 @@ def test_declining_the_download_is_not_an_error(tiny_hub: FakeHub) -> None:
         said = child.before
     finally:
         child.close(force=True)
-    assert child.exitstatus == 0
+    return child.exitstatus, said
+
+
+def test_declining_the_download_is_not_an_error(tiny_hub: FakeHub) -> None:
+    status, said = _answer_no("run", "-m", "wizardlm2-7b:Q5_K_M", "-c", "512", "--plain")
+    assert status == 0
     assert "error" not in said
     assert "nothing downloaded" in said and "wizardchat pull wizardlm2-7b:Q5_K_M" in said
     assert sum(tiny_hub.bytes_served.values()) == 0
@@ -374,24 +376,10 @@ def test_batch_and_piped_ask_say_pull_first_when_the_hub_is_unreachable(
 
 
 def test_rm_declined_is_not_an_error(tiny_hub: FakeHub) -> None:
-    import pexpect
 
     assert run_cli("pull", "wizardlm2-7b:Q5_K_M").code == 0
-    child = pexpect.spawn(
-        WIZARDCHAT,
-        ["rm", "wizardlm2-7b:Q5_K_M"],
-        env={**os.environ, "TERM": "dumb"},
-        encoding="utf-8",
-        timeout=60,
-    )
-    try:
-        child.expect(r"\[y/N\] ")
-        child.send("n\r")
-        child.expect(pexpect.EOF)
-        said = child.before
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0 and "nothing deleted" in said and "error" not in said
+    status, said = _answer_no("rm", "wizardlm2-7b:Q5_K_M")
+    assert status == 0 and "nothing deleted" in said and "error" not in said
     assert "wizardlm2-7b:Q5_K_M" in run_cli("models").stdout
 
 

@@ -367,12 +367,12 @@ def test_messages_composed_in_the_editor_stay_on_screen(models: Models, tmp_path
         timeout=30,
     )
 
-    def until(text: str) -> list[str]:
-        """Feed the terminal until `text` is on the screen; return the screen's lines."""
+    def until(text: str, times: int = 1) -> list[str]:
+        """Feed the terminal until `text` is on the screen `times` times; return its lines."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             lines = [line.rstrip() for line in screen.display]
-            if text in "\n".join(lines):
+            if "\n".join(lines).count(text) >= times:
                 return lines
             try:
                 data = child.read_nonblocking(65536, timeout=0.2)
@@ -389,7 +389,7 @@ def test_messages_composed_in_the_editor_stay_on_screen(models: Models, tmp_path
         child.send("/edit\r")
         until(SCRIPT_REPLY)
         child.sendcontrol("g")
-        until("line two")
+        until("line two", times=2)  # the first is /edit's message: wait for the editor's text
         child.send("!\r")
         until(SCRIPT_REPLY + "\n\n>>> from the editor\n... line two!\n" + SCRIPT_REPLY)
         lines = until(">>> from the editor\n... line two!\n" + SCRIPT_REPLY + "\n\n>>>")

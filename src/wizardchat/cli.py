@@ -399,7 +399,11 @@ def ask(
     ] = False,
     plain: Annotated[
         bool,
-        typer.Option("--plain", help="The reply's raw text on a terminal too, no markdown."),
+        typer.Option(
+            "--plain",
+            help="The reply's raw text on a terminal too, no markdown.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,

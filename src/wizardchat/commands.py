@@ -374,13 +374,13 @@ def show_sessions(out: Output, found: list[SessionSummary]) -> bool:
         return False
     rows = [session_row(s) for s in found]
     if any(row[3] for row in rows):
-        out.rows([("NAME", "TURNS", "LAST USED", "PROBLEM"), *rows])
+        out.rows([("NAME", "TURNS", "LAST USED", "PROBLEM"), *rows], header=True)
         broken = " ".join(s.name for s in found if s.turns is None)
         out.note(
             f"unreadable sessions are kept as they are; to delete: wizardchat sessions rm {broken}"
         )
     else:
-        out.rows([("NAME", "TURNS", "LAST USED"), *(row[:3] for row in rows)])
+        out.rows([("NAME", "TURNS", "LAST USED"), *(row[:3] for row in rows)], header=True)
     return True
 
 

@@ -76,12 +76,9 @@ class Output(Protocol):
     def message(self, text: str) -> None: ...
 
 
-def _table_lines(rows: Sequence[tuple[str, ...]], header: bool) -> list[str]:
+def _table_lines(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    if header:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 class PlainOutput:
@@ -120,7 +117,7 @@ class PlainOutput:
         self.out.flush()
 
     def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
-        self.text("\n".join(_table_lines(rows, header)))
+        self.text("\n".join(_table_lines(rows)))  # a header row is upper case, as in `models`
 
     def past_turn(self, user: str, reply: str) -> None:
         self.text(f"{PROMPT}{user}\n{reply}\n")
