@@ -43,6 +43,7 @@ def test_doctor_plans_the_real_8x22b_shape_or_says_why_not() -> None:
     assert "model: wizardlm2-8x22b" in r.stdout
     if "no plan:" in r.stdout:  # a small machine: the numbers, and what would help
         assert "85.6 GB weights" in r.stdout and "GB RAM" in r.stdout
+        assert "wizardchat doctor -m wizardlm2-7b" in r.stdout  # what runs, as `run` offers
     else:
         assert "WizardLM-2 8x22B Q4_K_M, not downloaded" in r.stdout
         assert "llama.cpp flags" in r.stdout and "read per token" in r.stdout

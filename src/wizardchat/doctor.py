@@ -124,6 +124,11 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
         report["plan"] = plan_report(path, ref)
     except WizardchatError as e:
         report["plan_error"] = str(e)
+        if ref is not None and ref.family is not None and ref.family.name == DEFAULT_FAMILY:
+            from wizardchat.pulling import FALLBACK_FAMILY
+
+            # As `run` offers it where no 8x22B quant fits (pulling.what_runs).
+            report["instead"] = f"wizardchat doctor -m {FALLBACK_FAMILY}"
     return report
 
 
@@ -222,4 +227,6 @@ def render(report: dict[str, Any]) -> str:
         lines += [f"    {k:<{width}}  {v}" for k, v in plan["rows"]]
     else:
         lines.append(f"  no plan: {model['plan_error']}")
+        if model.get("instead"):
+            lines.append(f"  WizardLM-2 7B needs far less memory: {model['instead']}")
     return "\n".join(lines)
