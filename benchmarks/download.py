@@ -71,8 +71,8 @@ def write_random(path: Path, size: int) -> str:
 
 
 def time_wizardchat(repo: str, quant: str, cache: Path) -> float:
-    from wizardchat import hub
-    from wizardchat.catalog import ModelRef
+    from wizardchat.hub import download as hub
+    from wizardchat.hub.catalog import ModelRef
 
     os.environ["HF_HUB_CACHE"] = str(cache)
     start = time.perf_counter()

@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import gguf_models  # noqa: E402
 import llama_cpp  # noqa: E402
 
+from wizardchat.chat.session import ChatSession  # noqa: E402
 from wizardchat.engine.generate import Sampling, TokenStream  # noqa: E402
 from wizardchat.engine.llama_engine import LlamaEngine  # noqa: E402
-from wizardchat.session import ChatSession  # noqa: E402
 from wizardchat.settings import DEFAULT_SYSTEM_PROMPT, KV_CACHE_TYPES, load_settings  # noqa: E402
 
 # About 1 ms per decoded token on 2 cores (F32 weights, 8 experts with 2 used).

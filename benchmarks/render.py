@@ -19,7 +19,7 @@ Three figures, each with its goal:
    Linear cost gives 8; the goal is <= 10;
 3. end to end: tokens/s of a `ChatSession` reply streamed through `stream_markdown` (terminal
    console on an in-memory file, the real clock) divided by tokens/s of the same reply through
-   `render.stream_plain`, on the generated random-weights model of benchmarks/engine.py (~1 ms a
+   `safe_text.stream_plain`, on the generated random-weights model of benchmarks/engine.py (~1 ms a
    token, far faster than the real model, so this is a stress test of the per-token overhead).
    300 tokens (max_tokens, greedy, fixed seed), the conversation reset before each reply so
    every run does the same work; runs alternate, markdown first in every other pair, each pair
@@ -67,11 +67,11 @@ from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 
+from wizardchat.chat.session import ChatSession  # noqa: E402
 from wizardchat.engine.llama_engine import LlamaEngine  # noqa: E402
-from wizardchat.markdown_stream import MarkdownStream, stream_markdown  # noqa: E402
-from wizardchat.render import stream_plain  # noqa: E402
-from wizardchat.session import ChatSession  # noqa: E402
+from wizardchat.safe_text import stream_plain  # noqa: E402
 from wizardchat.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from wizardchat.tui.markdown_stream import MarkdownStream, stream_markdown  # noqa: E402
 
 TOKEN_CHARS = 4
 TOKEN_SECONDS = 0.020  # the fake clock's step per token

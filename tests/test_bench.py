@@ -11,10 +11,10 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from wizardchat import bench
-from wizardchat.bench import BenchResult, Measurement
+from wizardchat.diagnose import bench
+from wizardchat.diagnose.bench import BenchResult, Measurement
 from wizardchat.engine.model import LoadPlan
-from wizardchat.engine.placement import Override, expert_overrides
+from wizardchat.plan.placement import Override, expert_overrides
 
 
 class EvalSpy:

@@ -190,7 +190,7 @@ def test_command_help_does_not_import_heavy_modules() -> None:
 def test_fast_top_level_help_is_exactly_what_typer_renders() -> None:
     from wizardchat.entry import TOP_LEVEL_HELP
 
-    code = "from wizardchat.cli import main; main()"
+    code = "from wizardchat.cli.app import main; main()"
     proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "COLUMNS": "80"})  # fmt: skip
     assert proc.stdout == TOP_LEVEL_HELP
@@ -401,7 +401,7 @@ def test_bare_wizardchat_prints_the_help_and_exits_0() -> None:
 
     r = run_cli()
     assert (r.code, r.stdout, r.stderr) == (0, TOP_LEVEL_HELP, "")
-    code = "from wizardchat.cli import main; main()"  # the typer path says the same
+    code = "from wizardchat.cli.app import main; main()"  # the typer path says the same
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "COLUMNS": "80"})  # fmt: skip
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, TOP_LEVEL_HELP, "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from gguf_models import EOS
 
-from wizardchat.conversation import Conversation, Turn
+from wizardchat.chat.conversation import Conversation, Turn
 from wizardchat.errors import ContextError
 from wizardchat.settings import DEFAULT_SYSTEM_PROMPT
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import WIZARDCHAT, Models, Result, run_cli
 from hub_server import FakeFile, FakeHub, hub_env
 
-from wizardchat import doctor
+from wizardchat.diagnose import doctor
 from wizardchat.errors import ExitCode
 
 

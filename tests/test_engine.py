@@ -11,8 +11,8 @@ from conftest import run_cli
 from gguf_models import SCRIPT_REPLY, write_model
 
 from wizardchat.engine.model import check_binding_layout
-from wizardchat.engine.placement import plan_overrides
 from wizardchat.errors import ExitCode, UsageError
+from wizardchat.plan.placement import plan_overrides
 
 OVERRIDDEN = re.compile(r"tensor (blk\.\d+\.ffn_\w+_exps)\.weight .*buffer type overridden to CPU")
 EXPERT_TENSORS = {f"blk.{i}.ffn_{k}_exps" for i in (0, 1) for k in ("gate", "up", "down")}

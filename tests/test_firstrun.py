@@ -18,10 +18,11 @@ from conftest import WIZARDCHAT, run_cli
 from gguf_models import write_model
 from hub_server import FakeFile, FakeHub, hub_env, point_huggingface_hub_at
 
-from wizardchat import errors, pulling
-from wizardchat.catalog import FAMILIES, ModelRef, human_size
+from wizardchat import errors
 from wizardchat.errors import NoModelError
-from wizardchat.planner import Memory, make_plan, wizardlm2_8x22b_shape
+from wizardchat.hub import resolve as pulling
+from wizardchat.hub.catalog import FAMILIES, ModelRef, human_size
+from wizardchat.plan.fit import Memory, make_plan, wizardlm2_8x22b_shape
 
 MAZ = "MaziyarPanahi/WizardLM-2-8x22B-GGUF"
 SEVEN = "MaziyarPanahi/WizardLM-2-7B-GGUF"
@@ -164,7 +165,7 @@ def test_batch_mode_names_what_runs_when_nothing_fits(sized_hub: FakeHub) -> Non
 def test_pull_without_a_quant_refuses_when_nothing_fits_and_names_what_runs(
     sized_hub: FakeHub,
 ) -> None:
-    from wizardchat import hub
+    from wizardchat.hub import download as hub
 
     ref = ModelRef(MAZ, None, FAMILIES["wizardlm2-8x22b"])
     warnings: list[str] = []
@@ -209,7 +210,7 @@ def test_yes_never_downloads_what_cannot_run_unless_named(
 def test_pull_list_says_the_budget_and_marks_no_default_when_nothing_fits(
     sized_hub: FakeHub,
 ) -> None:
-    from wizardchat import hub
+    from wizardchat.hub import download as hub
 
     ref = ModelRef(MAZ, None, FAMILIES["wizardlm2-8x22b"])
     model = hub.list_remote(ref)
@@ -227,7 +228,7 @@ def test_pull_list_says_the_budget_and_marks_no_default_when_nothing_fits(
 @pytest.mark.parametrize("quant", ["Q2_K", "Q4_K_M", "Q8_0"])
 @pytest.mark.parametrize("gpus", [(), (24 * GIB,), (48 * GIB, 48 * GIB)])
 def test_what_pull_calls_fitting_the_planner_loads_at_8k(quant: str, gpus: tuple[int, ...]) -> None:
-    """One idea of "fits": on the machine with the least RAM where pulling.py calls the quant
+    """One idea of "fits": on the machine with the least RAM where hub/resolve.py calls the quant
     fitting, the planner places the quant's real shape (experts in RAM as needed) at 8K tokens."""
     shape = wizardlm2_8x22b_shape(quant)
     ref = ModelRef(MAZ, None, FAMILIES["wizardlm2-8x22b"])

@@ -377,7 +377,7 @@ def test_pull_of_a_malformed_reference_is_a_usage_error_before_any_request(
 def test_our_repo_id_rules_are_at_least_as_strict_as_huggingface_hubs() -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from wizardchat.catalog import repo_id_problem
+    from wizardchat.hub.catalog import repo_id_problem
 
     names = [
         "a/b",
@@ -456,7 +456,7 @@ def test_shards_numbered_twice_or_with_a_gap_are_not_a_complete_quant(hub: FakeH
 
 
 def test_a_quant_with_a_missing_shard_says_which() -> None:
-    from wizardchat.catalog import RemoteFile, group_quants
+    from wizardchat.hub.catalog import RemoteFile, group_quants
 
     names = ["m.Q4_K_M-00001-of-00003.gguf", "m.Q4_K_M-00003-of-00003.gguf"]
     quant = group_quants([RemoteFile(n, 5) for n in names])["Q4_K_M"]

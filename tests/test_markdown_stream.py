@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from wizardchat.markdown_stream import MarkdownStream, stream_markdown
+from wizardchat.tui.markdown_stream import MarkdownStream, stream_markdown
 
 
 @pytest.fixture(autouse=True)

@@ -184,7 +184,7 @@ def test_a_ggml_abort_mid_reply_gives_the_terminal_its_echo_back() -> None:
     # without unwinding, and must not leave the user's shell without echo.
     script = ABORT.replace(
         'print("before", flush=True)',
-        "from wizardchat.repl import keyboard_echo_off\n"
+        "from wizardchat.tui.repl import keyboard_echo_off\n"
         "ctx = keyboard_echo_off(sys.stdin); ctx.__enter__()\n"
         'print("before", flush=True)',
     )

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from gguf_models import write_model
 
-from wizardchat import hardware
 from wizardchat.errors import ExitCode
 from wizardchat.gguf_file import read_header
-from wizardchat.planner import (
+from wizardchat.plan import machine as hardware
+from wizardchat.plan.fit import (
     GIB,
     Memory,
     ModelShape,
@@ -436,7 +436,7 @@ def test_shape_from_gguf_sums_the_tensors_of_a_generated_model(tmp_path: Path) -
         )
     assert shape.input_bytes == by_name["token_embd.weight"]
     assert shape.output_bytes == by_name["output.weight"] + by_name["output_norm.weight"]
-    for kv in ("f16", "q8_0"):  # the same KV arithmetic as the context sizing in hardware.py
+    for kv in ("f16", "q8_0"):  # the same KV arithmetic as the context sizing in plan/machine.py
         assert shape.kv_bytes_per_token(kv, kv) == hardware.kv_bytes_per_token(info, kv, kv)
 
 
@@ -480,7 +480,7 @@ def test_tiny_model_plan_loads_and_runs_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_a_shape_from_a_file_size_lays_the_bytes_out_like_the_real_tensors() -> None:
-    from wizardchat.planner import CATALOG_DIMS, shape_from_size
+    from wizardchat.plan.fit import CATALOG_DIMS, shape_from_size
 
     sized = shape_from_size(CATALOG_DIMS["wizardlm2-8x22b"], Q4_K_M.total_bytes)
     assert sized.total_bytes == pytest.approx(Q4_K_M.total_bytes, rel=1e-6)

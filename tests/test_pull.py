@@ -15,8 +15,9 @@ from conftest import run_cli
 from gguf_models import SCRIPT_REPLY, write_model
 from hub_server import FakeFile, FakeHub, hub_env
 
-from wizardchat import hub as hubmod
-from wizardchat.catalog import (
+from wizardchat.errors import HubError
+from wizardchat.hub import download as hubmod
+from wizardchat.hub.catalog import (
     ModelRef,
     Quant,
     RemoteFile,
@@ -26,7 +27,6 @@ from wizardchat.catalog import (
     parse_ref,
     quant_of,
 )
-from wizardchat.errors import HubError
 
 MAZ = "MaziyarPanahi/WizardLM-2-8x22B-GGUF"  # the catalog's default for wizardlm2-8x22b
 BART = "bartowski/WizardLM-2-8x22B-GGUF"
@@ -409,8 +409,8 @@ def test_the_download_question_warns_when_nothing_fits(
 
     from hub_server import point_huggingface_hub_at
 
-    from wizardchat import pulling
     from wizardchat.errors import NoModelError
+    from wizardchat.hub import resolve as pulling
 
     point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf")  # in this process too
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import Models
 from test_repl import Chat
 
-from wizardchat.render import PromptProgressLine
+from wizardchat.tui.progress import PromptProgressLine
 
 PROGRESS = r"evaluating 2,\d{3} tokens… \d{1,2}%"  # a percentage: after a batch of 256
 # The last progress line, then spaces over it, back to its start: the reply writes there.

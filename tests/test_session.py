@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from gguf_models import SCRIPT_REPLY
 
+from wizardchat.chat.session import ChatSession, StopScanner
 from wizardchat.errors import ContextError
-from wizardchat.session import ChatSession, StopScanner
 from wizardchat.settings import DEFAULT_SYSTEM_PROMPT
 
 

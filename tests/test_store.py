@@ -13,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from wizardchat import commands, paths
-from wizardchat.engine.llama_engine import describe_load, experts_in_ram
-from wizardchat.engine.model import LoadPlan
-from wizardchat.engine.placement import expert_overrides, parse_override
-from wizardchat.errors import ExitCode, SessionError
-from wizardchat.store import (
+from wizardchat import paths
+from wizardchat.chat.store import (
     MAX_FILE_BYTES,
     SavedSession,
     SavedTurn,
@@ -27,6 +23,11 @@ from wizardchat.store import (
     SessionStore,
     check_name,
 )
+from wizardchat.engine.llama_engine import describe_load, experts_in_ram
+from wizardchat.engine.model import LoadPlan
+from wizardchat.errors import ExitCode, SessionError
+from wizardchat.plan.placement import expert_overrides, parse_override
+from wizardchat.tui import commands
 
 
 def session(name: str, *turns: str) -> SavedSession:
@@ -301,7 +302,7 @@ def test_a_file_too_large_is_not_parsed(tmp_path: Path) -> None:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from wizardchat.store import SessionStore
+from wizardchat.chat.store import SessionStore
 claim = SessionStore(Path(sys.argv[1])).claim("work")
 print("held", flush=True)
 time.sleep(60)

@@ -2,7 +2,7 @@
 
 Importing typer costs several times Python's own start-up, and `--help` is what a new user runs
 first. The text below is typer's own rendering of the top-level help; a test fails if the two
-ever differ, so edit the commands in cli.py and paste the new output here.
+ever differ, so edit the commands in cli/ and paste the new output here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ Examples:
 class ClosedOutput(io.TextIOBase):
     """Stands for a stdout that was closed when wizardchat started: every write fails.
 
-    cli.py checks `closed_at_start` before loading a model and turns the failure into one line
+    cli/ checks `closed_at_start` before loading a model and turns the failure into one line
     and exit code 9, instead of the AttributeError of writing to None.
     """
 
@@ -107,7 +107,7 @@ def main() -> None:
             output_failed(e)
         return
     try:
-        from wizardchat.cli import main as cli_main
+        from wizardchat.cli.app import main as cli_main
 
         cli_main()
     except (KeyboardInterrupt, RuntimeError) as e:

@@ -1,4 +1,4 @@
-"""Typed errors and the documented exit codes; only cli.py turns them into output."""
+"""Typed errors and the documented exit codes; only cli/ turns them into output."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ bytes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TextIO
 
 # Newline and tab are the only controls text needs; a terminal handles them without surprises.
@@ -75,3 +76,19 @@ def json_safe(json_text: str) -> str:
     ASCII, so every character replaced here sits in a string, where `\\uXXXX` means itself.
     """
     return json_text.translate(_JSON_TABLE)
+
+
+def stream_plain(chunks: Iterable[str], out: TextIO, *, safe: bool | None = None) -> str:
+    """Write each chunk as it arrives, flushed so pipes see it at once; return the whole text.
+
+    With `safe` (by default: when `out` is a terminal) control characters are written visibly
+    (safe_text); a pipe or file gets the exact text. The returned text is always the exact one.
+    """
+    if safe is None:
+        safe = is_terminal(out)
+    parts = []
+    for chunk in chunks:
+        out.write(terminal_safe(chunk) if safe else chunk)
+        out.flush()
+        parts.append(chunk)
+    return "".join(parts)

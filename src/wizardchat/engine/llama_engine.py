@@ -13,8 +13,8 @@ import llama_cpp
 from wizardchat.engine import ggml
 from wizardchat.engine.generate import Sampling, TokenStream
 from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
-from wizardchat.engine.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
 from wizardchat.gguf_file import quant_name
+from wizardchat.plan.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
 from wizardchat.settings import Settings
 
 

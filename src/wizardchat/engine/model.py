@@ -16,12 +16,13 @@ import llama_cpp
 import llama_cpp.llama as llama_module
 from llama_cpp import Llama
 
-from wizardchat import hardware
 from wizardchat.engine import ggml
 from wizardchat.engine.offload import Offload, plan_offload
-from wizardchat.engine.placement import Override, OverrideArray, expert_overrides
+from wizardchat.engine.placement import OverrideArray
 from wizardchat.errors import ExitCode, LoadError, WizardchatError
 from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
+from wizardchat.plan import machine as hardware
+from wizardchat.plan.placement import Override, expert_overrides
 from wizardchat.safe_text import terminal_safe
 from wizardchat.settings import KV_CACHE_TYPES, Settings
 from wizardchat.signals import before_fatal_exit

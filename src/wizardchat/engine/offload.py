@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from wizardchat import paths
 from wizardchat.gguf_file import GGUFInfo
-from wizardchat.planner import Plan, make_plan, memories_from_devices, shape_from_gguf
+from wizardchat.plan.fit import Plan, make_plan, memories_from_devices, shape_from_gguf
 from wizardchat.settings import Settings
 
 MACHINE_FILE = "machine.json"

@@ -389,7 +389,7 @@ def serve(
     if not served:
         raise UsageError("no device to serve")
     if threads == 0:
-        from wizardchat import hardware
+        from wizardchat.plan import machine as hardware
 
         threads = hardware.physical_cores()
     cache = None

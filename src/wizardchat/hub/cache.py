@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wizardchat.catalog import (
+from wizardchat.hub.catalog import (
     FAMILIES,
     Quant,
     RemoteFile,

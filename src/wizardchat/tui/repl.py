@@ -18,14 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from wizardchat import commands
-from wizardchat.errors import WizardchatError
-from wizardchat.reader import PROMPT, LineReader, as_typed
-from wizardchat.recording import continue_command, saved_session
-from wizardchat.safe_text import is_terminal, terminal_safe
-from wizardchat.session import ChatSession, TurnResult
-from wizardchat.signals import Termination, undo_on_fatal_exit
-from wizardchat.store import (
+from wizardchat.chat.recording import continue_command, saved_session
+from wizardchat.chat.session import ChatSession, TurnResult
+from wizardchat.chat.store import (
     SavedSession,
     SessionChanged,
     SessionClaim,
@@ -33,6 +28,11 @@ from wizardchat.store import (
     auto_name,
     check_name,
 )
+from wizardchat.errors import WizardchatError
+from wizardchat.safe_text import is_terminal, terminal_safe
+from wizardchat.signals import Termination, undo_on_fatal_exit
+from wizardchat.tui import commands
+from wizardchat.tui.reader import PROMPT, LineReader, as_typed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -96,7 +96,7 @@ class PlainOutput:
         return terminal_safe(text) if self._safe_out else text
 
     def reply(self, chunks: Iterator[str]) -> str:
-        from wizardchat.render import stream_plain
+        from wizardchat.safe_text import stream_plain
 
         try:
             text = stream_plain(chunks, self.out, safe=self._safe_out)
@@ -141,7 +141,7 @@ class RichOutput:
         self.console, self.err_console = console, err_console
 
     def reply(self, chunks: Iterator[str]) -> str:
-        from wizardchat.markdown_stream import stream_markdown
+        from wizardchat.tui.markdown_stream import stream_markdown
 
         return stream_markdown(chunks, self.console)  # it makes the text safe itself
 

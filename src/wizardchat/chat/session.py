@@ -9,7 +9,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wizardchat.conversation import Conversation, Turn
+from wizardchat.chat.conversation import Conversation, Turn
 
 
 class Stats(Protocol):

@@ -8,13 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from wizardchat.conversation import MIN_REPLY_TOKENS, user_segment
+from wizardchat.chat.conversation import MIN_REPLY_TOKENS, user_segment
+from wizardchat.chat.recording import Recording, free_name
+from wizardchat.chat.session import ChatSession, TurnResult
 from wizardchat.errors import ContextError, UsageError
 from wizardchat.inputs import check_fits, repair_text
-from wizardchat.recording import Recording, free_name
-from wizardchat.render import stream_plain
-from wizardchat.safe_text import json_safe
-from wizardchat.session import ChatSession, TurnResult
+from wizardchat.safe_text import json_safe, stream_plain
 from wizardchat.signals import Termination
 
 

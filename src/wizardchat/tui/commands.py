@@ -17,8 +17,8 @@ from wizardchat.errors import WizardchatError
 from wizardchat.settings import RANGES
 
 if TYPE_CHECKING:
-    from wizardchat.repl import Output, Repl
-    from wizardchat.store import SessionSummary
+    from wizardchat.chat.store import SessionSummary
+    from wizardchat.tui.repl import Output, Repl
 
 
 class CommandError(WizardchatError):

@@ -21,6 +21,17 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 import typer
 
 from wizardchat import __version__
+from wizardchat.cli.usage import (
+    CHAT,
+    MODEL,
+    OUTPUT,
+    PERFORMANCE,
+    SESSIONS,
+    Command,
+    Group,
+    flag_label,
+)
+from wizardchat.cli.usage import STATE as _state
 from wizardchat.errors import (
     BadModelError,
     ContextError,
@@ -34,15 +45,13 @@ from wizardchat.errors import (
 )
 from wizardchat.settings import MAX_THREADS, Settings, field_help, load_settings
 from wizardchat.signals import Terminated
-from wizardchat.usage import CHAT, MODEL, OUTPUT, PERFORMANCE, SESSIONS, Command, Group, flag_label
-from wizardchat.usage import STATE as _state
 
 if TYPE_CHECKING:
+    from wizardchat.chat.session import ChatSession
+    from wizardchat.chat.store import SavedSession, SessionStore
     from wizardchat.engine.llama_engine import LlamaEngine
-    from wizardchat.render import PromptProgressLine
-    from wizardchat.repl import Repl
-    from wizardchat.session import ChatSession
-    from wizardchat.store import SavedSession, SessionStore
+    from wizardchat.tui.progress import PromptProgressLine
+    from wizardchat.tui.repl import Repl
 
 TOP_LEVEL_EXAMPLES = """
 wizardchat run                   chat with WizardLM-2 8x22B (asks to download it)
@@ -162,8 +171,8 @@ def _settings_and_model_ref(
     settings = load_settings(flags, labels=FLAG_LABELS)
     if getattr(sys.stdout, "closed_at_start", False):  # before minutes of loading, not after
         raise OutputError("cannot write output: stdout is closed")
-    from wizardchat.catalog import DEFAULT_FAMILY
-    from wizardchat.pulling import confirm_on_terminal, resolve_model
+    from wizardchat.hub.catalog import DEFAULT_FAMILY
+    from wizardchat.hub.resolve import confirm_on_terminal, resolve_model
 
     given = settings.model or DEFAULT_FAMILY
     path = resolve_model(
@@ -174,7 +183,7 @@ def _settings_and_model_ref(
         err=sys.stderr,
     )
     _check_model_file(path)
-    from wizardchat.recording import model_reference
+    from wizardchat.chat.recording import model_reference
 
     return dataclasses.replace(settings, model=str(path)), model_reference(given, path)
 
@@ -231,7 +240,7 @@ def _engine(
 
 def _open_engine(settings: Settings, log: IO[str], plan_line: bool = True) -> LlamaEngine:
     from wizardchat.engine.llama_engine import LlamaEngine
-    from wizardchat.render import LoadProgress
+    from wizardchat.tui.progress import LoadProgress
 
     assert settings.model_path is not None
     bar = LoadProgress(sys.stderr, settings.model_path.name) if sys.stderr.isatty() else None
@@ -261,7 +270,7 @@ def _open_engine(settings: Settings, log: IO[str], plan_line: bool = True) -> Ll
 
 def _prompt_progress() -> PromptProgressLine | None:
     """The prompt's evaluation shown on stderr when it is a terminal; nothing elsewhere."""
-    from wizardchat.render import PromptProgressLine
+    from wizardchat.tui.progress import PromptProgressLine
 
     return PromptProgressLine(sys.stderr) if sys.stderr.isatty() else None
 
@@ -271,7 +280,7 @@ def _show_prompt(text: str, n_tokens: int) -> None:
 
 
 def _session(engine: LlamaEngine, settings: Settings, verbose_prompt: bool) -> ChatSession:
-    from wizardchat.session import ChatSession
+    from wizardchat.chat.session import ChatSession
 
     return ChatSession(
         engine,
@@ -459,20 +468,20 @@ def ask(
             reply = "".join(session.send(text))
             last = session.last
             assert last is not None
-            from wizardchat.batch import answer_record
+            from wizardchat.chat.batch import answer_record
             from wizardchat.safe_text import json_safe
 
             record = answer_record(reply, engine.model_name, last)
             out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         elif _plain_output_wanted(plain):  # a pipe or file gets the reply byte for byte
-            from wizardchat.render import stream_plain
+            from wizardchat.safe_text import stream_plain
 
             reply = stream_plain(session.send(text), out)
             out.write("\n")
         else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
             from rich.console import Console
 
-            from wizardchat.markdown_stream import stream_markdown
+            from wizardchat.tui.markdown_stream import stream_markdown
 
             reply = stream_markdown(session.send(text), Console(highlight=False))
         out.flush()
@@ -560,7 +569,7 @@ def run(
         not in ("resume", "session_name", "plain", "no_stats", "jsonl", "verbose_prompt", "yes")
     }
     from wizardchat import paths
-    from wizardchat.store import SessionStore, check_name
+    from wizardchat.chat.store import SessionStore, check_name
 
     if session_name:
         check_name(session_name)
@@ -624,8 +633,8 @@ def _run_batch(
     model_ref: str,
 ) -> None:
     """Batch mode: piped lines, saved after every reply when a session is named or resumed."""
-    from wizardchat import batch
-    from wizardchat.recording import Recording, continue_command, free_name
+    from wizardchat.chat import batch
+    from wizardchat.chat.recording import Recording, continue_command, free_name
     from wizardchat.signals import Termination
 
     session.progress = _prompt_progress()  # a resumed history can take a while to evaluate
@@ -671,9 +680,10 @@ def _repl(
     show_stats: bool,
     model_ref: str,
 ) -> Repl:
-    from wizardchat import commands, paths
-    from wizardchat.reader import make_reader
-    from wizardchat.repl import Output, PlainOutput, Repl, RichOutput
+    from wizardchat import paths
+    from wizardchat.tui import commands
+    from wizardchat.tui.reader import make_reader
+    from wizardchat.tui.repl import Output, PlainOutput, Repl, RichOutput
 
     out: Output
     if _plain_output_wanted(plain):
@@ -727,10 +737,10 @@ def pull(
     ] = 4,
 ) -> None:
     """Download a model: all shards, resumable, verified."""
-    from wizardchat import hub
-    from wizardchat.catalog import parse_ref
-    from wizardchat.pulling import Machine, default_ref, pull_choice, pull_quant, quant_table
-    from wizardchat.repl import PlainOutput
+    from wizardchat.hub import download as hub
+    from wizardchat.hub.catalog import parse_ref
+    from wizardchat.hub.resolve import Machine, default_ref, pull_choice, pull_quant, quant_table
+    from wizardchat.tui.repl import PlainOutput
 
     configured = load_settings({}).model
     parsed = parse_ref(ref or default_ref(configured), reference_only=True)
@@ -759,9 +769,9 @@ def models(
     ] = False,
 ) -> None:
     """List downloaded models: reference, size, status."""
-    from wizardchat import hubcache
-    from wizardchat.catalog import human_size
-    from wizardchat.repl import PlainOutput
+    from wizardchat.hub import cache as hubcache
+    from wizardchat.hub.catalog import human_size
+    from wizardchat.tui.repl import PlainOutput
 
     found = hubcache.local_models()
     if not found:
@@ -797,9 +807,9 @@ def rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
     """Delete a downloaded model and report the space freed."""
-    from wizardchat import hubcache
-    from wizardchat.catalog import human_size, parse_ref
-    from wizardchat.pulling import confirm_on_terminal
+    from wizardchat.hub import cache as hubcache
+    from wizardchat.hub.catalog import human_size, parse_ref
+    from wizardchat.hub.resolve import confirm_on_terminal
 
     parsed = parse_ref(ref, reference_only=True)
     if isinstance(parsed, Path):
@@ -843,10 +853,10 @@ def doctor(
     rpc: RpcOpt = None,
 ) -> None:
     """Show this install, this machine and the offload plan."""
-    from wizardchat import doctor as doctor_module
+    from wizardchat.diagnose import doctor as doctor_module
 
     settings = load_settings({"model": model, "rpc": rpc}, labels=FLAG_LABELS)
-    from wizardchat.catalog import parse_ref
+    from wizardchat.hub.catalog import parse_ref
 
     if settings.model and isinstance(local := parse_ref(settings.model), Path):
         if model and not local.exists():  # a typo in -m; a configured one is reported instead
@@ -917,11 +927,11 @@ def bench(
     flags = {
         k: v for k, v in locals().items() if k not in ("json_output", "compare", "reps", "yes")
     }
-    from wizardchat import bench as bench_module
+    from wizardchat.diagnose import bench as bench_module
 
     settings = _settings(flags, yes=yes, can_ask=sys.stdin is not None and sys.stdin.isatty())
     from wizardchat.engine.offload import remember_ram_bandwidth
-    from wizardchat.planner import measure_ram_bandwidth
+    from wizardchat.plan.fit import measure_ram_bandwidth
 
     remember_ram_bandwidth(measure_ram_bandwidth())  # for the plan's decode bound
     # Text: the heading names the model, quant and plan first, so stderr does not repeat it.
@@ -956,7 +966,7 @@ def bench(
             data["llama_bench"] = against
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
-        from wizardchat.repl import PlainOutput
+        from wizardchat.tui.repl import PlainOutput
 
         PlainOutput(sys.stdout, sys.stderr).rows(bench_module.format_table(result, against))
 
@@ -1041,9 +1051,9 @@ def sessions(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from wizardchat import paths
-    from wizardchat.commands import show_sessions
-    from wizardchat.repl import PlainOutput
-    from wizardchat.store import SessionStore
+    from wizardchat.chat.store import SessionStore
+    from wizardchat.tui.commands import show_sessions
+    from wizardchat.tui.repl import PlainOutput
 
     found = SessionStore(paths.sessions_dir()).list()
     if not show_sessions(PlainOutput(sys.stdout, sys.stderr), found):
@@ -1059,7 +1069,7 @@ def sessions_rm(
 ) -> None:
     """Delete saved conversations (exit 7 if any of them could not be deleted)."""
     from wizardchat import paths
-    from wizardchat.store import SessionStore
+    from wizardchat.chat.store import SessionStore
 
     store = SessionStore(paths.sessions_dir())
     failed = False
@@ -1135,7 +1145,7 @@ def _quiet_broken_pipe() -> None:
 
 def _invoke() -> int:
     """Run the app: a usage error is one line and exit 2, `wizardchat` alone shows the help."""
-    from wizardchat.usage import ClickUsageError, NoArgsIsHelpError, error_line
+    from wizardchat.cli.usage import ClickUsageError, NoArgsIsHelpError, error_line
 
     try:
         code = app(prog_name="wizardchat", standalone_mode=False)

@@ -13,8 +13,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
-from wizardchat import hub, hubcache
-from wizardchat.catalog import (
+from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
+from wizardchat.hub import cache as hubcache
+from wizardchat.hub import download as hub
+from wizardchat.hub.catalog import (
     DEFAULT_FAMILY,
     FAMILIES,
     Family,
@@ -25,12 +27,11 @@ from wizardchat.catalog import (
     parse_ref,
     sort_quants,
 )
-from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from wizardchat.planner import ModelShape
+    from wizardchat.plan.fit import ModelShape
 
 # A quant "fits" when the offload planner (planner.make_plan) places it on this machine's RAM and
 # GPUs with the KV cache of this many tokens: experts in RAM where the GPUs are too small, with
@@ -51,7 +52,7 @@ class Machine:
     @classmethod
     def detect(cls) -> Machine:
         """This machine, from /proc/meminfo and llama.cpp's GPU devices."""
-        from wizardchat import hardware
+        from wizardchat.plan import machine as hardware
 
         ram = hardware.host_memory()[1]
         try:
@@ -65,7 +66,7 @@ class Machine:
     @property
     def reserve(self) -> int:
         """The planner's fixed working memory: the OS in RAM, compute buffers per GPU."""
-        from wizardchat.planner import DEFAULT_MARGIN, RAM_RESERVE
+        from wizardchat.plan.fit import DEFAULT_MARGIN, RAM_RESERVE
 
         return RAM_RESERVE + DEFAULT_MARGIN * len(self.gpus)
 
@@ -87,7 +88,7 @@ def fit_shape(family: Family, size: int) -> ModelShape:
     expert placement counts as it will at load time. Others (the dense 7B): `size` spread over
     the layers, with 2% each for the token embeddings and the output.
     """
-    from wizardchat.planner import LayerSize, ModelShape, wizardlm2_8x22b_shape
+    from wizardchat.plan.fit import LayerSize, ModelShape, wizardlm2_8x22b_shape
 
     if family.name == DEFAULT_FAMILY:
         base = wizardlm2_8x22b_shape()
@@ -119,7 +120,7 @@ def fit_shape(family: Family, size: int) -> ModelShape:
 
 def plans(family: Family, size: int, machine: Machine) -> bool:
     """Whether the planner places a `size`-byte quant of `family` here at FIT_CONTEXT tokens."""
-    from wizardchat.planner import Memory, PlanError, make_plan
+    from wizardchat.plan.fit import Memory, PlanError, make_plan
 
     gpus = [Memory(f"GPU{i}", "GPU", g) for i, g in enumerate(machine.gpus)]
     ram = Memory("RAM", "RAM", machine.ram, total_bytes=machine.ram)

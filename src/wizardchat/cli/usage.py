@@ -4,7 +4,7 @@ typer renders help with Python types (`<int>`, `[[REF]]`) and reports a bad flag
 with pydantic's wording. wizardchat's commands and groups use the classes here instead: options in
 panels, defaults and ranges in words, examples, `--debug` on every command, and every usage error
 (bad value, unknown option or command, missing or extra argument) turned into one line that names
-the flag as the command line spells it. cli.py prints that line; this module prints nothing.
+the flag as the command line spells it. cli/app.py prints that line; this module prints nothing.
 
 typer (0.29) vendors click as `typer._click`; the classes below extend what typer itself uses.
 """

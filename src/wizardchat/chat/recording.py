@@ -7,8 +7,8 @@ import shlex
 import time
 from pathlib import Path
 
-from wizardchat.conversation import Conversation
-from wizardchat.store import SavedSession, SavedTurn, SessionStore, auto_name
+from wizardchat.chat.conversation import Conversation
+from wizardchat.chat.store import SavedSession, SavedTurn, SessionStore, auto_name
 
 
 def saved_session(
@@ -29,7 +29,7 @@ def model_reference(given: str, path: Path) -> str:
     """What a session keeps to load its model again: a hub reference as it was given (it finds
     the file wherever the hub cache is), or the absolute path of the file (a relative one would
     depend on the working directory of the next run)."""
-    from wizardchat.catalog import parse_ref
+    from wizardchat.hub.catalog import parse_ref
 
     text = given.strip()
     if isinstance(parse_ref(text), Path):

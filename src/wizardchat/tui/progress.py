@@ -1,28 +1,11 @@
-"""Writing replies and status to a terminal or a pipe (plain text; markdown comes with the REPL)."""
+"""Progress on stderr: the load bar and the prompt-evaluation line."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import TextIO
 
-from wizardchat.safe_text import is_terminal, terminal_safe
-
-
-def stream_plain(chunks: Iterable[str], out: TextIO, *, safe: bool | None = None) -> str:
-    """Write each chunk as it arrives, flushed so pipes see it at once; return the whole text.
-
-    With `safe` (by default: when `out` is a terminal) control characters are written visibly
-    (safe_text); a pipe or file gets the exact text. The returned text is always the exact one.
-    """
-    if safe is None:
-        safe = is_terminal(out)
-    parts = []
-    for chunk in chunks:
-        out.write(terminal_safe(chunk) if safe else chunk)
-        out.flush()
-        parts.append(chunk)
-    return "".join(parts)
+from wizardchat.safe_text import terminal_safe
 
 
 class LoadProgress:

@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from wizardchat.engine.placement import EXPERTS_REGEX
 from wizardchat.errors import LoadError, UsageError
 from wizardchat.gguf_file import GGUFInfo, quant_name, read_header, shard_paths
-from wizardchat.hardware import physical_cores
+from wizardchat.plan.machine import physical_cores
+from wizardchat.plan.placement import EXPERTS_REGEX
 
 GIB = 1 << 30
 DEFAULT_MARGIN = GIB  # fixed working memory per GPU
@@ -459,7 +459,7 @@ def memories_from_devices(
     `host` is (available, total) RAM, read from the system when None. An integrated GPU or an
     Apple GPU shares the system RAM, so what it can take is not counted twice.
     """
-    from wizardchat.hardware import host_memory
+    from wizardchat.plan.machine import host_memory
 
     available, total = host if host is not None else host_memory()
     gpus: list[Memory] = []

@@ -34,7 +34,7 @@ import llama_cpp
 from wizardchat.engine.llama_engine import LlamaEngine
 from wizardchat.engine.model import CountingLlama, LoadPlan
 from wizardchat.gguf_file import quant_name
-from wizardchat.planner import rate_text
+from wizardchat.plan.fit import rate_text
 
 PP_SIZES = (512, 2048)
 TG_TOKENS = 128

@@ -5,7 +5,7 @@ size and LFS sha256. Downloading is wizardchat's own loop on huggingface_hub's U
 (auth) and HTTP session helpers, because since huggingface_hub PR #4228 `hf_hub_download`
 writes to a per-process temporary file and deletes it on failure: an interrupted 40 GB shard
 would start again from zero. Here each file downloads into a partial file with a stable name in
-the hub cache (hubcache.py), continues with an HTTP Range request from the bytes on disk (in
+the hub cache (hub/cache.py), continues with an HTTP Range request from the bytes on disk (in
 this run after a dropped connection, or in the next run), is hashed while it arrives, and only
 after its sha256 matches the hub's LFS oid is it renamed to its blob and linked into the
 snapshot. A file where a model is expected is therefore always complete and verified.
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from wizardchat import hubcache
-from wizardchat.catalog import (
+from wizardchat.errors import HubError, NoModelError, UsageError
+from wizardchat.hub import cache as hubcache
+from wizardchat.hub.catalog import (
     ModelRef,
     Quant,
     RemoteFile,
@@ -36,7 +37,6 @@ from wizardchat.catalog import (
     is_wizardlm2,
     repo_path_problem,
 )
-from wizardchat.errors import HubError, NoModelError, UsageError
 
 CHUNK = 1 << 20
 RETRY_DELAYS = (0.5, 1.0, 2.0)  # seconds before each retry of a dropped transfer, in one run
@@ -485,7 +485,7 @@ def resolve_local(ref: ModelRef) -> Path | None:
     repositories; without a quant, one local quant is taken as it is, and among several the
     default (Q4_K_M) is.
     """
-    from wizardchat.catalog import DEFAULT_QUANT
+    from wizardchat.hub.catalog import DEFAULT_QUANT
 
     repos = [ref.repo]
     if ref.family is not None and ref.repo == ref.family.repo:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wizardchat import __version__
-from wizardchat.catalog import (
+from wizardchat.errors import NoModelError, WizardchatError
+from wizardchat.hub.catalog import (
     DEFAULT_FAMILY,
     DEFAULT_QUANT,
     ModelRef,
@@ -17,10 +18,9 @@ from wizardchat.catalog import (
     human_size,
     parse_ref,
 )
-from wizardchat.errors import NoModelError, WizardchatError
 
 if TYPE_CHECKING:
-    from wizardchat.planner import ModelShape
+    from wizardchat.plan.fit import ModelShape
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Backends worth having, and the build flag that adds each one.
@@ -55,8 +55,8 @@ def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
     a configured model came from (WIZARDCHAT_MODEL, the config file)."""
     import llama_cpp
 
-    from wizardchat import hardware
     from wizardchat.engine import ggml
+    from wizardchat.plan import machine as hardware
 
     backends = ggml.backends()
     devices = [
@@ -70,7 +70,7 @@ def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
         for d in ggml.devices()
     ]
     from wizardchat.engine.offload import remember_ram_bandwidth
-    from wizardchat.planner import measure_ram_bandwidth
+    from wizardchat.plan.fit import measure_ram_bandwidth
 
     available, total = hardware.host_memory()
     bandwidth = measure_ram_bandwidth()
@@ -105,7 +105,7 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
     `source` says where a configured model came from (WIZARDCHAT_MODEL, the config file), for
     the line that reports a file that is not there.
     """
-    from wizardchat import hub
+    from wizardchat.hub import download as hub
 
     reference = text or DEFAULT_FAMILY
     report: dict[str, Any] = {"reference": reference, "path": ""}
@@ -125,7 +125,7 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
     except WizardchatError as e:
         report["plan_error"] = str(e)
         if ref is not None and ref.family is not None and ref.family.name == DEFAULT_FAMILY:
-            from wizardchat.pulling import FALLBACK_FAMILY
+            from wizardchat.hub.resolve import FALLBACK_FAMILY
 
             # As `run` offers it where no 8x22B quant fits (pulling.what_runs).
             report["instead"] = f"wizardchat doctor -m {FALLBACK_FAMILY}"
@@ -134,8 +134,9 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
 
 def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
     """The shape of a reference that is not on this machine, and where its sizes came from."""
-    from wizardchat import hub, planner
-    from wizardchat.pulling import Machine, memory_budget
+    from wizardchat.hub import download as hub
+    from wizardchat.hub.resolve import Machine, memory_budget
+    from wizardchat.plan import fit as planner
 
     family = ref.family.name if ref.family else ""
     quant = ref.quant or (DEFAULT_QUANT if family == DEFAULT_FAMILY else None)
@@ -164,8 +165,8 @@ def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
 
 def plan_report(path: Path | None, ref: ModelRef | None) -> dict[str, Any]:
     """The automatic plan for this machine, as rows and numbers."""
-    from wizardchat import planner
     from wizardchat.gguf_file import inspect_model
+    from wizardchat.plan import fit as planner
 
     if path is not None:
         shape = planner.shape_from_gguf(inspect_model(path))

@@ -1,0 +1,1 @@
+"""The conversation: Vicuna turns as tokens, the session, batch mode, saved sessions."""

@@ -1,0 +1,1 @@
+"""`doctor` and `bench`: what this machine and build can do, measured."""

@@ -1,0 +1,1 @@
+"""Pure arithmetic on model shapes and machines: does it fit, where each tensor goes."""

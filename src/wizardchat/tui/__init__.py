@@ -1,0 +1,1 @@
+"""The terminal chat: the REPL, its slash commands, line editing, rendering, progress."""
