@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shlex
 import shutil
 import statistics
@@ -29,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-
 from wizardchat.engine.llama_engine import LlamaEngine
-from wizardchat.engine.model import CountingLlama, LoadPlan
+from wizardchat.engine.model import LoadPlan
+from wizardchat.engine.timing import TokenTimer
 from wizardchat.gguf_file import quant_name
 from wizardchat.plan.fit import rate_text
 
@@ -141,58 +139,6 @@ def plan_dict(plan: LoadPlan) -> dict[str, Any]:
     return data
 
 
-# --- timing through llama-cpp-python ----------------------------------------------------------
-
-
-class _Runner:
-    """Evaluates token ids on the engine's context and times them, llama-bench's way."""
-
-    def __init__(self, llm: CountingLlama, seed: int) -> None:
-        self.llm = llm
-        vocab = llm._model.vocab
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        self.bos = int(llm.token_bos())
-        self.rng = random.Random(seed)
-
-    def tokens(self, n: int) -> list[int]:
-        """BOS (when the model adds one) then random ids, like llama-bench's test_prompt."""
-        ids = [self.rng.randrange(self.n_vocab) for _ in range(n)]
-        if ids and self.add_bos:
-            ids[0] = self.bos
-        return ids
-
-    def sync(self) -> None:
-        """Wait for the backend to finish (GPU backends return from decode early)."""
-        llama_cpp.llama_synchronize(self.llm._ctx.ctx)
-
-    def clear(self) -> None:
-        """Empty the KV cache and Llama's record of it: the next eval starts at position 0."""
-        self.llm.reset()  # n_tokens = 0 (clears memory itself only for recurrent models)
-        self.llm._ctx.kv_cache_clear()  # llama_memory_clear(mem, data=True)
-
-    def cut(self, n: int) -> None:
-        """Keep only the first `n` positions of the KV cache."""
-        self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
-        self.llm.n_tokens = n
-
-    def prompt(self, ids: list[int]) -> float:
-        """Seconds to evaluate `ids` in batches of n_batch (Llama.eval splits them)."""
-        start = time.perf_counter()
-        self.llm.eval(ids)
-        self.sync()
-        return time.perf_counter() - start
-
-    def generate(self, ids: list[int]) -> float:
-        """Seconds to evaluate `ids` one token at a time, as decoding does."""
-        llm, sync = self.llm, self.sync
-        start = time.perf_counter()
-        for token in ids:
-            llm.eval([token])
-            sync()
-        return time.perf_counter() - start
-
-
 def auto_depth(n_ctx: int, tg_tokens: int = TG_TOKENS) -> int:
     """The depth of the deep tg test for a context size: min(4096, n_ctx - 2048 - tg), or 0
     (no deep test) when that leaves fewer than 512 tokens."""
@@ -221,7 +167,7 @@ def run_bench(
         raise ValueError("reps must be at least 1")
     llm = engine.llm
     n_ctx = int(llm.n_ctx())
-    runner = _Runner(llm, SEED)
+    runner = TokenTimer(llm, SEED)
     notes: list[str] = []
     measurements: list[Measurement] = []
 

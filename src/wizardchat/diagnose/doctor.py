@@ -53,8 +53,6 @@ def _wanted_backends() -> list[str]:
 def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
     """Everything doctor reports, as plain data (the --json output); `model_source` says where
     a configured model came from (WIZARDCHAT_MODEL, the config file)."""
-    import llama_cpp
-
     from wizardchat.engine import ggml
     from wizardchat.plan import machine as hardware
 
@@ -79,7 +77,7 @@ def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
     flags = [BACKEND_FLAGS[b] for b in ("RPC", *missing) if b in BACKEND_FLAGS]
     report: dict[str, Any] = {
         "wizardchat": __version__,
-        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_python": ggml.binding_version(),
         "ggml": ggml.version(),
         "python": platform.python_version(),
         "backends": backends,

@@ -107,11 +107,6 @@ def buffer_types() -> dict[str, int]:
     return found
 
 
-def has_gpu() -> bool:
-    """Whether a GPU (dedicated or integrated) backend device is present."""
-    return any(d.kind in ("GPU", "IGPU") for d in devices())
-
-
 def backends() -> list[str]:
     """Names of the backends compiled into this llama.cpp build (CPU, CUDA, Metal, RPC...)."""
     lib = libggml()
@@ -125,3 +120,10 @@ def version() -> str:
     """ggml's version and commit, e.g. '0.25.3 (0c1e570)'."""
     lib = libggml()
     return f"{lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+
+
+def binding_version() -> str:
+    """llama-cpp-python's version, e.g. '0.3.36' (the binding that carries this llama.cpp)."""
+    import llama_cpp
+
+    return str(llama_cpp.__version__)

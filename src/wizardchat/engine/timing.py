@@ -1,0 +1,63 @@
+"""Timing token evaluation on a loaded model, llama-bench's way, for `wizardchat bench`.
+
+The tokens go through `Llama.eval`, so the figures include llama-cpp-python's per-call cost, the
+one wizardchat's replies pay. Here because it reaches into llama-cpp-python's context and vocab.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import llama_cpp
+
+from wizardchat.engine.model import CountingLlama
+
+
+class TokenTimer:
+    """Evaluates token ids on the engine's context and times them, llama-bench's way."""
+
+    def __init__(self, llm: CountingLlama, seed: int) -> None:
+        self.llm = llm
+        vocab = llm._model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.bos = int(llm.token_bos())
+        self.rng = random.Random(seed)
+
+    def tokens(self, n: int) -> list[int]:
+        """BOS (when the model adds one) then random ids, like llama-bench's test_prompt."""
+        ids = [self.rng.randrange(self.n_vocab) for _ in range(n)]
+        if ids and self.add_bos:
+            ids[0] = self.bos
+        return ids
+
+    def sync(self) -> None:
+        """Wait for the backend to finish (GPU backends return from decode early)."""
+        llama_cpp.llama_synchronize(self.llm._ctx.ctx)
+
+    def clear(self) -> None:
+        """Empty the KV cache and Llama's record of it: the next eval starts at position 0."""
+        self.llm.reset()  # n_tokens = 0 (clears memory itself only for recurrent models)
+        self.llm._ctx.kv_cache_clear()  # llama_memory_clear(mem, data=True)
+
+    def cut(self, n: int) -> None:
+        """Keep only the first `n` positions of the KV cache."""
+        self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        self.llm.n_tokens = n
+
+    def prompt(self, ids: list[int]) -> float:
+        """Seconds to evaluate `ids` in batches of n_batch (Llama.eval splits them)."""
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        self.sync()
+        return time.perf_counter() - start
+
+    def generate(self, ids: list[int]) -> float:
+        """Seconds to evaluate `ids` one token at a time, as decoding does."""
+        llm, sync = self.llm, self.sync
+        start = time.perf_counter()
+        for token in ids:
+            llm.eval([token])
+            sync()
+        return time.perf_counter() - start
