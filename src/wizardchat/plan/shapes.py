@@ -152,6 +152,49 @@ def shape_from_path(path: Path) -> ModelShape:
     return shape_from_gguf(read_header(path))
 
 
+@dataclass(frozen=True)
+class Dims:
+    """A model's dimensions (its config.json), enough to lay its tensors out without the file."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int  # 0 for a dense model
+    n_expert_used: int
+    n_vocab: int
+    n_ctx_train: int
+
+    def shape(
+        self, layers: tuple[LayerSize, ...], input_bytes: int, output_bytes: int, name: str
+    ) -> ModelShape:
+        """A model of these dimensions with these bytes per layer and part."""
+        return ModelShape(
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_head_kv=self.n_head_kv,
+            head_dim=self.head_dim,
+            n_expert=self.n_expert,
+            n_expert_used=self.n_expert_used,
+            n_ctx_train=self.n_ctx_train,
+            layers=layers,
+            input_bytes=input_bytes,
+            output_bytes=output_bytes,
+            name=name,
+        )
+
+
+WIZARDLM2_8X22B = "wizardlm2-8x22b"  # catalog.DEFAULT_FAMILY: the family with a synthetic shape
+# The catalog's families (catalog.FAMILIES names): Mixtral-8x22B and Mistral-7B dimensions.
+CATALOG_DIMS = {
+    WIZARDLM2_8X22B: Dims(56, 6144, 16384, 48, 8, 128, 8, 2, 32000, 65536),
+    "wizardlm2-7b": Dims(32, 4096, 14336, 32, 8, 128, 0, 0, 32000, 32768),
+}
+
+
 # quant -> the default tensor type llama.cpp's quantize uses for it.
 _DEFAULT_TYPE = {
     "Q2_K": "Q2_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
@@ -207,8 +250,11 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
             f"the size of WizardLM-2 8x22B {quant} is not known without its file or the hub's "
             f"listing; known here: {', '.join(SYNTHETIC_QUANTS)}"
         )
-    n_layer, n_embd, n_ff, n_expert, n_vocab = 56, 6144, 16384, 8, 32000
-    n_head, n_head_kv, head_dim = 48, 8, 128
+    dims = CATALOG_DIMS[WIZARDLM2_8X22B]
+    n_layer, n_embd, n_ff, n_expert, n_vocab = (
+        dims.n_layer, dims.n_embd, dims.n_ff, dims.n_expert, dims.n_vocab
+    )  # fmt: skip
+    n_head_kv, head_dim = dims.n_head_kv, dims.head_dim
     n_embd_kv = n_head_kv * head_dim
     one_expert_tensor = n_expert * n_ff * n_embd
     layers = []
@@ -225,43 +271,12 @@ def wizardlm2_8x22b_shape(quant: str = "Q4_K_M") -> ModelShape:
             for role in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
         )
         layers.append(LayerSize(shared, experts))
-    return ModelShape(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
-        n_expert=n_expert,
-        n_expert_used=2,
-        n_ctx_train=65536,
-        layers=tuple(layers),
+    return dims.shape(
+        tuple(layers),
         input_bytes=_size(quant, "token_embd", n_vocab * n_embd),
         output_bytes=_size(quant, "output", n_vocab * n_embd) + tensor_bytes(n_embd, "F32"),
         name=f"WizardLM-2 8x22B {quant}",
     )
-
-
-@dataclass(frozen=True)
-class Dims:
-    """A model's dimensions (its config.json), enough to lay its tensors out without the file."""
-
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_expert: int  # 0 for a dense model
-    n_expert_used: int
-    n_vocab: int
-    n_ctx_train: int
-
-
-# The catalog's families (catalog.FAMILIES names): Mixtral-8x22B and Mistral-7B dimensions.
-CATALOG_DIMS = {
-    "wizardlm2-8x22b": Dims(56, 6144, 16384, 48, 8, 128, 8, 2, 32000, 65536),
-    "wizardlm2-7b": Dims(32, 4096, 14336, 32, 8, 128, 0, 0, 32000, 32768),
-}
 
 
 def shape_from_size(dims: Dims, total_bytes: int, name: str = "") -> ModelShape:
@@ -281,23 +296,12 @@ def shape_from_size(dims: Dims, total_bytes: int, name: str = "") -> ModelShape:
     params = d.n_layer * (shared + experts) + 2 * embd + d.n_embd
     per_weight = total_bytes / params
     layer = LayerSize(round(shared * per_weight), round(experts * per_weight))
-    return ModelShape(
-        n_layer=d.n_layer,
-        n_embd=d.n_embd,
-        n_head=d.n_head,
-        n_head_kv=d.n_head_kv,
-        head_dim=d.head_dim,
-        n_expert=d.n_expert,
-        n_expert_used=d.n_expert_used,
-        n_ctx_train=d.n_ctx_train,
-        layers=(layer,) * d.n_layer,
+    return d.shape(
+        (layer,) * d.n_layer,
         input_bytes=round(embd * per_weight),
         output_bytes=round((embd + d.n_embd) * per_weight),
         name=name,
     )
-
-
-WIZARDLM2_8X22B = "wizardlm2-8x22b"  # catalog.DEFAULT_FAMILY: the family with a synthetic shape
 
 
 def catalog_shape(family: str, size: int, name: str = "") -> ModelShape:
