@@ -17,7 +17,7 @@ from wizardchat.errors import WizardchatError
 from wizardchat.hub import download as hub
 from wizardchat.hub.catalog import FAMILIES, ModelRef
 from wizardchat.hub.resolve import quant_table
-from wizardchat.plan.fit import MIN_CTX
+from wizardchat.plan.fit import MIN_CTX, find_fit
 from wizardchat.plan.machine import Machine
 from wizardchat.plan.shapes import SYNTHETIC_QUANTS, catalog_shape, wizardlm2_8x22b_shape
 from wizardchat.settings import Settings
@@ -111,3 +111,25 @@ def test_the_grid_has_both_answers() -> None:
     no laptop, the 7B at Q4_K_M fits the smallest one."""
     assert _load(BIG.name, QUANTS[BIG]["Q8_0"], Machine.sized(16 * GIB)) is None
     assert _load(SEVEN.name, QUANTS[SEVEN]["Q4_K_M"], Machine.sized(8 * GIB)) is not None
+
+
+def test_with_the_plan_off_the_context_is_sized_for_the_flags_placement() -> None:
+    """`--plan off` (and `-ot`) leave the placement to the flags, but the automatic context is
+    the same fit's, for the placement those flags give; where they fit nowhere, the floor."""
+    shape = catalog_shape(BIG.name, QUANTS[BIG]["Q4_K_M"])
+    machine = Machine.sized(88 * GIB, [24 * GIB])
+    cpu_only = Settings(plan="off", n_gpu_layers=0)
+    off = fit_load(cpu_only, shape, machine, 0)
+    assert off.fit is None and off.reason == "off (--plan off)"
+    by_hand = find_fit(shape, machine, n_gpu_layers=0, n_cpu_moe=0)
+    assert (
+        by_hand.fits and off.n_ctx == by_hand.n_ctx < fit_load(Settings(), shape, machine, 0).n_ctx
+    )
+    hand_placed = fit_load(
+        Settings(override_tensor=("exps=CPU",), n_gpu_layers=0), shape, machine, 0
+    )
+    assert hand_placed.reason == "off (-ot places tensors by hand)"
+    assert hand_placed.n_ctx == by_hand.n_ctx
+    # all 57 layers with every expert on a 24 GiB GPU fit at no context: the floor, no error
+    everything = fit_load(Settings(plan="off"), shape, machine, 0)
+    assert everything.fit is None and everything.n_ctx == MIN_CTX

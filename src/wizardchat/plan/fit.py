@@ -5,7 +5,7 @@ arithmetic. `find_fit` answers for every caller with the same margins: the quant
 Decoding one token reads every shared byte of the model (attention, norms, router, output) and
 `n_expert_used / n_expert` of each layer's expert bytes, so a byte of VRAM spent on shared tensors
 or the KV cache saves four times more host-memory reads than a byte spent on experts (8 experts,
-2 used). The planner therefore keeps all shared tensors and the KV cache on the GPU(s) and moves
+2 used). The fit therefore keeps all shared tensors and the KV cache on the GPU(s) and moves
 whole layers' experts to system RAM (llama.cpp's `--n-cpu-moe N`: layers 0..N-1) until the rest
 fits; only when even that fails does it offload fewer layers (`-ngl`), and only when nothing fits
 in any arrangement does it halve the context. The order of preference:
@@ -81,7 +81,7 @@ class Fit:
     n_layer: int = 0
     requested_ctx: int = 0
     memories: tuple[MemoryUse, ...] = ()
-    fits: bool = True  # False only for explicit flags the planner would not have chosen
+    fits: bool = True  # False only for explicit flags the fit would not have chosen
     tensor_split: tuple[float, ...] = ()  # the GPUs' shares of the offloaded layers
 
     @property

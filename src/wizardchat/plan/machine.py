@@ -162,7 +162,7 @@ def gpu_bandwidth(description: str) -> float | None:
 
 
 class DeviceLike(Protocol):
-    """What `memories_from_devices` reads of a device (wizardchat.engine.ggml.Device fits)."""
+    """What `machine_from_devices` reads of a device (wizardchat.engine.ggml.Device fits)."""
 
     @property
     def name(self) -> str: ...

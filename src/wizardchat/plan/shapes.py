@@ -38,7 +38,7 @@ class LayerSize:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes the planner needs: dimensions and the bytes of every layer."""
+    """The sizes the fit model needs: dimensions and the bytes of every layer."""
 
     n_layer: int
     n_embd: int
@@ -283,7 +283,7 @@ def shape_from_size(dims: Dims, total_bytes: int, name: str = "") -> ModelShape:
     """A model of these dimensions whose weights come to `total_bytes` (a quant's file size).
 
     Every tensor gets the file's average bytes per weight: the per-tensor types of a quant
-    (IQ1_S, IQ2_XS...) are not known without its header, but the planner needs the bytes per
+    (IQ1_S, IQ2_XS...) are not known without its header, but the fit needs the bytes per
     layer and per part, which the average gives to within a few percent.
     """
     d = dims
