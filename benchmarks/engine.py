@@ -141,7 +141,7 @@ def settings_for(model: Path, threads: int) -> Any:
 
 def raw_llama(engine: LlamaEngine, settings: Any) -> llama_cpp.Llama:
     """A plain Llama with exactly the parameters wizardchat resolved for its own load."""
-    plan, params = engine.plan, engine.llm.context_params
+    plan, params = engine.load_plan, engine.llm.context_params
     return llama_cpp.Llama(
         model_path=str(plan.path),
         n_ctx=plan.n_ctx,
@@ -678,7 +678,7 @@ def main() -> None:
         report["model"] = {**BIG, "n_vocab": llm.n_vocab(), "mib": big.stat().st_size / 2**20}
         prompt = [engine.bos, *engine.tokenize(PROMPT_TEXT)]
         report["prompt_tokens"] = len(prompt)
-        report["kv_cache"] = f"{engine.plan.type_k}/{engine.plan.type_v}"
+        report["kv_cache"] = f"{engine.load_plan.type_k}/{engine.load_plan.type_v}"
 
         step("warm-up")
         per_token = calibrate(engine, llm, prompt)

@@ -1,7 +1,7 @@
 """A new user's first run: what fits this machine, what runs instead, declining, an unreachable hub,
 what to do after `pull`, and a `models` table that fits a terminal.
 
-The machine is a `pulling.Machine` passed in (what the CLI fills from hardware detection); the hub
+The machine is a `Machine` passed in (what the CLI fills from hardware detection); the hub
 is the loopback hub serving sparse files of the real quants' sizes, so listing them costs nothing
 and any download would show in `bytes_served`."""
 
@@ -22,7 +22,9 @@ from wizardchat import errors
 from wizardchat.errors import NoModelError
 from wizardchat.hub import resolve as pulling
 from wizardchat.hub.catalog import FAMILIES, ModelRef, human_size
-from wizardchat.plan.fit import Memory, make_plan, wizardlm2_8x22b_shape
+from wizardchat.plan.fit import find_fit
+from wizardchat.plan.machine import Machine
+from wizardchat.plan.shapes import wizardlm2_8x22b_shape
 
 MAZ = "MaziyarPanahi/WizardLM-2-8x22B-GGUF"
 SEVEN = "MaziyarPanahi/WizardLM-2-7B-GGUF"
@@ -39,15 +41,15 @@ BIG_QUANTS = {
 SEVEN_QUANTS = {"Q4_K_M": 4_370_000_000, "Q5_K_M": 5_130_000_000, "Q8_0": 7_700_000_000}
 
 
-def machine(ram: int, *gpus: int) -> pulling.Machine:
-    return pulling.Machine(ram=ram, gpus=gpus)
+def machine(ram: int, *gpus: int) -> Machine:
+    return Machine.sized(ram, gpus)
 
 
-def laptop() -> pulling.Machine:
+def laptop() -> Machine:
     return machine(21 * GB)  # 21 GB, no GPU
 
 
-def workstation() -> pulling.Machine:
+def workstation() -> Machine:
     return machine(128 * GIB, 24 * GIB)
 
 
@@ -95,7 +97,7 @@ class Questions:
 
 
 def _resolve(
-    text: str, machine: pulling.Machine, confirm: Questions, *, can_ask: bool = True
+    text: str, machine: Machine, confirm: Questions, *, can_ask: bool = True
 ) -> io.StringIO:
     err = io.StringIO()
     pulling.resolve_model(
@@ -245,10 +247,7 @@ def test_what_pull_calls_fitting_the_planner_loads_at_8k(quant: str, gpus: tuple
     while budget(ram) < size:
         ram += pulling.BUDGET_STEP
     assert ram == 8 * GIB or budget(ram - 2 * pulling.BUDGET_STEP) < size  # the least, to a step
-    memories = [Memory(f"CUDA{i}", "GPU", g) for i, g in enumerate(gpus)]
-    plan = make_plan(
-        shape, memories, Memory("RAM", "RAM", ram, total_bytes=ram), n_ctx=8192, min_ctx=8192
-    )
+    plan = find_fit(shape, machine(ram, *gpus), n_ctx=8192, min_ctx=8192)
     assert plan.n_ctx == 8192 and plan.fits
 
 

@@ -171,9 +171,7 @@ def test_bad_override_regex_is_named_as_such(models, value: str, message: str) -
 
 
 def test_a_huge_ubatch_is_what_llama_cpp_uses_not_a_fit_problem() -> None:
-    from test_planner import Q4_K_M, gpu, ram
-
-    from wizardchat.plan.fit import make_plan
+    from test_planner import Q4_K_M, gpu, make_plan, ram
 
     base = make_plan(Q4_K_M, [gpu(24)], ram(128), n_ctx=4096, n_ubatch=4096)
     huge = make_plan(Q4_K_M, [gpu(24)], ram(128), n_ctx=4096, n_ubatch=100_000_000)
@@ -182,11 +180,11 @@ def test_a_huge_ubatch_is_what_llama_cpp_uses_not_a_fit_problem() -> None:
 
 
 def test_a_fit_problem_from_ubatch_names_it() -> None:
-    from test_planner import Q4_K_M, gpu, ram
+    from test_planner import Q4_K_M, gpu, make_plan, ram
 
-    from wizardchat.plan.fit import PlanError, make_plan
+    from wizardchat.plan.shapes import FitError
 
-    with pytest.raises(PlanError, match="-ub 65536"):
+    with pytest.raises(FitError, match="-ub 65536"):
         make_plan(Q4_K_M, [gpu(12)], ram(64), n_ctx=65536, n_ubatch=65536, fixed_ctx=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gguf_models import write_model
@@ -11,16 +12,19 @@ from gguf_models import write_model
 from wizardchat.errors import ExitCode
 from wizardchat.gguf_file import read_header
 from wizardchat.plan import machine as hardware
-from wizardchat.plan.fit import (
-    GIB,
+from wizardchat.plan.fit import Fit as Plan
+from wizardchat.plan.fit import find_fit
+from wizardchat.plan.machine import (
+    Machine,
     Memory,
-    ModelShape,
-    Plan,
-    PlanError,
     gpu_bandwidth,
-    make_plan,
+    machine_from_devices,
     measure_ram_bandwidth,
-    memories_from_devices,
+)
+from wizardchat.plan.search import GIB
+from wizardchat.plan.shapes import FitError as PlanError
+from wizardchat.plan.shapes import (
+    ModelShape,
     shape_from_gguf,
     shape_from_path,
     wizardlm2_8x22b_shape,
@@ -29,6 +33,16 @@ from wizardchat.plan.fit import (
 Q4_K_M = wizardlm2_8x22b_shape("Q4_K_M")
 N = Q4_K_M.n_layer
 RAM_BW = 90e9  # dual-channel DDR5
+
+
+def make_plan(shape: ModelShape, gpus: list[Memory], ram: Memory, **flags: Any) -> Plan:
+    """The fit of `shape` on a machine of these memories."""
+    return find_fit(shape, Machine(tuple(gpus), ram), **flags)
+
+
+def memories_from_devices(devices: Any, **given: Any) -> tuple[list[Memory], Memory]:
+    machine = machine_from_devices(devices, **given)
+    return list(machine.gpus), machine.ram
 
 
 def gpu(gb: float, bandwidth: float | None = 1e12, name: str = "CUDA0") -> Memory:
@@ -436,8 +450,8 @@ def test_shape_from_gguf_sums_the_tensors_of_a_generated_model(tmp_path: Path) -
         )
     assert shape.input_bytes == by_name["token_embd.weight"]
     assert shape.output_bytes == by_name["output.weight"] + by_name["output_norm.weight"]
-    for kv in ("f16", "q8_0"):  # the same KV arithmetic as the context sizing in plan/machine.py
-        assert shape.kv_bytes_per_token(kv, kv) == hardware.kv_bytes_per_token(info, kv, kv)
+    for kv, per_row in (("f16", 2 * 2 * 16), ("q8_0", 34)):  # 2 KV heads of 16, K and V
+        assert shape.kv_bytes_per_token(kv, kv) == 3 * 2 * per_row
 
 
 def test_shape_of_a_split_model_counts_every_shard(tmp_path: Path) -> None:
@@ -480,7 +494,7 @@ def test_tiny_model_plan_loads_and_runs_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_a_shape_from_a_file_size_lays_the_bytes_out_like_the_real_tensors() -> None:
-    from wizardchat.plan.fit import CATALOG_DIMS, shape_from_size
+    from wizardchat.plan.shapes import CATALOG_DIMS, shape_from_size
 
     sized = shape_from_size(CATALOG_DIMS["wizardlm2-8x22b"], Q4_K_M.total_bytes)
     assert sized.total_bytes == pytest.approx(Q4_K_M.total_bytes, rel=1e-6)

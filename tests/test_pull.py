@@ -411,6 +411,7 @@ def test_the_download_question_warns_when_nothing_fits(
 
     from wizardchat.errors import NoModelError
     from wizardchat.hub import resolve as pulling
+    from wizardchat.plan.machine import Machine
 
     point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf")  # in this process too
 
@@ -421,5 +422,5 @@ def test_the_download_question_warns_when_nothing_fits(
             can_ask=False,
             confirm=lambda q: False,
             err=io.StringIO(),
-            machine=pulling.Machine(ram=1000),  # a machine with 1 KB
+            machine=Machine.sized(1000),  # a machine with 1 KB
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from wizardchat.errors import BadModelError, NoModelError
+from wizardchat.ggml_types import GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 LFS_POINTER_PREFIX = b"version https://git-lfs"
@@ -20,17 +21,6 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 SUPPORTED_ARCHITECTURES = ("llama",)
 SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
-# ggml_type -> (block size in elements, bytes per block); from gguf-py GGML_QUANT_SIZES and the
-# vendored ggml's type traits (ggml.c). Ids 4, 5, 31-33 and 36-38 were removed from ggml: a file
-# with one of them, or any id not here, is corrupt.
-_TYPE_SIZES: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
-    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
-    27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-    39: (32, 17), 40: (64, 36), 41: (128, 18), 42: (64, 18),
-}  # fmt: skip
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}  # fmt: skip
 _STRING, _ARRAY = 8, 9
@@ -168,9 +158,9 @@ class _SkippedArray:
 
 
 def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
-    if ggml_type not in _TYPE_SIZES:
+    if ggml_type not in GGML_TYPES:
         return None
-    block, size = _TYPE_SIZES[ggml_type]
+    block, size = GGML_TYPES[ggml_type].block, GGML_TYPES[ggml_type].block_bytes
     n = 1
     for d in shape:
         n *= d
@@ -186,14 +176,14 @@ def _read_tensor(r: _Reader) -> TensorInfo:
     shape = tuple(r.scalar("<Q") for _ in range(n_dims))
     ggml_type = r.scalar("<I")
     offset = r.scalar("<Q")
-    if ggml_type not in _TYPE_SIZES:
+    if ggml_type not in GGML_TYPES:  # ids ggml removed (4, 5, 31-33, 36-38) or never had
         raise r.corrupt(f"tensor {label} has unknown type {ggml_type}")
     elements = 1
     for d in shape:
         elements *= d
     if elements > _MAX_ELEMENTS or (elements and max(shape) > 1 << 40):
         raise r.corrupt(f"tensor {label} has shape {list(shape)}")
-    block = _TYPE_SIZES[ggml_type][0]
+    block = GGML_TYPES[ggml_type].block
     if shape[0] % block:
         raise r.corrupt(
             f"tensor {label} has {shape[0]} columns, not a multiple of its type's block of {block}"
@@ -454,11 +444,6 @@ def inspect_model(path: Path) -> GGUFInfo:
     for shard in shards[1:]:
         _check_complete(read_header(shard))
     return info
-
-
-def model_bytes(path: Path, info: GGUFInfo) -> int:
-    """Total size on disk of the model, all shards together."""
-    return sum(p.stat().st_size for p in shard_paths(path, info))
 
 
 # llama.cpp's llama_ftype values (general.file_type) and the names quant files use.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wizardchat.errors import UsageError
+from wizardchat.ggml_types import FLASH_ATTN_CHOICES, KV_CACHE_TYPES
 from wizardchat.inputs import repair_text
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -20,19 +21,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-# llama.cpp's names for KV cache types (common/arg.cpp kv_cache_types) -> ggml_type ids.
-KV_CACHE_TYPES = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
-FLASH_ATTN_CHOICES = ("auto", "on", "off")
 ENV_PREFIX = "WIZARDCHAT_"
 # Contexts, batches: llama.cpp keeps them in uint32 and allocates per token; past this is a typo.
 MAX_CTX = 1 << 24

@@ -249,7 +249,7 @@ def _open_engine(settings: Settings, log: IO[str], plan_line: bool = True) -> Ll
     finally:
         if bar:
             bar.done()
-    plan = engine.plan
+    plan = engine.load_plan
     # A pipe's reader wants the reply, not chatter.
     if plan_line and (sys.stderr.isatty() or settings.verbose):
         _err(engine.plan_line())
@@ -739,7 +739,13 @@ def pull(
     """Download a model: all shards, resumable, verified."""
     from wizardchat.hub import download as hub
     from wizardchat.hub.catalog import parse_ref
-    from wizardchat.hub.resolve import Machine, default_ref, pull_choice, pull_quant, quant_table
+    from wizardchat.hub.resolve import (
+        default_ref,
+        detect_machine,
+        pull_choice,
+        pull_quant,
+        quant_table,
+    )
     from wizardchat.tui.repl import PlainOutput
 
     configured = load_settings({}).model
@@ -749,7 +755,7 @@ def pull(
     model = hub.list_remote(parsed)
     if not model.quants:
         raise NoModelError(f"{parsed.repo} has no GGUF files")
-    machine = Machine.detect()
+    machine = detect_machine()
     if list_quants:
         rows, _, budget = quant_table(model, parsed, machine)
         PlainOutput(sys.stdout, sys.stderr).rows(rows)
@@ -931,7 +937,7 @@ def bench(
 
     settings = _settings(flags, yes=yes, can_ask=sys.stdin is not None and sys.stdin.isatty())
     from wizardchat.engine.offload import remember_ram_bandwidth
-    from wizardchat.plan.fit import measure_ram_bandwidth
+    from wizardchat.plan.machine import measure_ram_bandwidth
 
     remember_ram_bandwidth(measure_ram_bandwidth())  # for the plan's decode bound
     # Text: the heading names the model, quant and plan first, so stderr does not repeat it.
@@ -943,7 +949,7 @@ def bench(
             safe = terminal_safe(heading) if is_terminal(sys.stdout) else heading
             sys.stdout.write(safe + "\n")
             sys.stdout.flush()
-        bound = engine.offload_plan.decode_bound if engine.offload_plan else None
+        bound = engine.fit.decode_bound if engine.fit else None
         result = bench_module.run_bench(engine, reps=reps, bound_tps=bound, progress=_err)
         against: dict[str, float] | None = None
         if compare:
@@ -955,7 +961,7 @@ def bench(
                 against = bench_module.run_llama_bench(
                     binary,
                     settings.model_path,
-                    engine.plan,
+                    engine.load_plan,
                     reps=reps,
                     depth=result.depth,
                     progress=_err,

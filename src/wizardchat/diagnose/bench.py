@@ -31,8 +31,9 @@ from typing import Any
 from wizardchat.engine.llama_engine import LlamaEngine
 from wizardchat.engine.model import LoadPlan
 from wizardchat.engine.timing import TokenTimer
+from wizardchat.ggml_types import LLAMA_BENCH_KV_TYPES
 from wizardchat.gguf_file import quant_name
-from wizardchat.plan.fit import rate_text
+from wizardchat.plan.report import rate_text
 
 PP_SIZES = (512, 2048)
 TG_TOKENS = 128
@@ -40,8 +41,6 @@ AUTO_DEPTH_MAX = 4096  # the deepest context the automatic depth test uses
 AUTO_DEPTH_ROOM = 2048  # the automatic depth leaves this much of the context (plus tg) free
 AUTO_DEPTH_MIN = 512  # below this, an automatic depth test says little: skipped
 SEED = 1234
-# llama-bench's ggml_type_from_name: the only KV cache types its -ctk/-ctv accept (no f32).
-LLAMA_BENCH_KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 ALL_LAYERS = 999  # -ngl for "every layer": older llama-bench builds reject negative values
 
 
@@ -244,7 +243,7 @@ def run_bench(
     model, quant, plan_line = measured(engine)
     return BenchResult(
         model=model,
-        plan=plan_dict(engine.plan),
+        plan=plan_dict(engine.load_plan),
         measurements=measurements,
         bound_tps=bound_tps,
         depth=depth,

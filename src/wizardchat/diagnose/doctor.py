@@ -20,7 +20,8 @@ from wizardchat.hub.catalog import (
 )
 
 if TYPE_CHECKING:
-    from wizardchat.plan.fit import ModelShape
+    from wizardchat.plan.machine import Machine
+    from wizardchat.plan.shapes import ModelShape
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Backends worth having, and the build flag that adds each one.
@@ -68,7 +69,7 @@ def collect(model: str | None, model_source: str = "") -> dict[str, Any]:
         for d in ggml.devices()
     ]
     from wizardchat.engine.offload import remember_ram_bandwidth
-    from wizardchat.plan.fit import measure_ram_bandwidth
+    from wizardchat.plan.machine import measure_ram_bandwidth
 
     available, total = hardware.host_memory()
     bandwidth = measure_ram_bandwidth()
@@ -130,21 +131,26 @@ def _model_report(text: str | None, source: str = "") -> dict[str, Any]:
     return report
 
 
-def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
-    """The shape of a reference that is not on this machine, and where its sizes came from."""
+def _shape_not_downloaded(ref: ModelRef, machine: Machine) -> tuple[ModelShape, str]:
+    """The shape of a reference that is not on this machine, and where its sizes came from:
+    the shape `pull --list` fits for the quant it would choose on `machine`."""
     from wizardchat.hub import download as hub
-    from wizardchat.hub.resolve import Machine, memory_budget
-    from wizardchat.plan import fit as planner
+    from wizardchat.hub.resolve import size_limit
+    from wizardchat.plan.shapes import (
+        CATALOG_DIMS,
+        SYNTHETIC_QUANTS,
+        catalog_shape,
+        wizardlm2_8x22b_shape,
+    )
 
     family = ref.family.name if ref.family else ""
     quant = ref.quant or (DEFAULT_QUANT if family == DEFAULT_FAMILY else None)
-    if family == DEFAULT_FAMILY and quant in planner.SYNTHETIC_QUANTS:
-        shape = planner.wizardlm2_8x22b_shape(quant)
-        return shape, (
+    if family == DEFAULT_FAMILY and quant in SYNTHETIC_QUANTS:
+        size = wizardlm2_8x22b_shape(quant).total_bytes
+        return catalog_shape(family, size, f"WizardLM-2 8x22B {quant}"), (
             f"WizardLM-2 8x22B {quant}, not downloaded (sizes from llama.cpp's quantization rules)"
         )
-    dims = planner.CATALOG_DIMS.get(family)
-    if dims is None:
+    if family not in CATALOG_DIMS:
         raise NoModelError(
             f"{ref} is not downloaded and its shape is not in wizardchat's catalog: "
             f"`wizardchat pull {ref}`, then doctor reads the file's header"
@@ -155,39 +161,41 @@ def _shape_not_downloaded(ref: ModelRef) -> tuple[ModelShape, str]:
         raise NoModelError(
             f"{ref} is not downloaded, so its size comes from the hub's file list: {e}"
         ) from e
-    chosen = choose_quant(remote.quants, ref, memory_budget(ref, Machine.detect()))
+    chosen = choose_quant(remote.quants, ref, size_limit(ref, remote.quants, machine))
     label = f"{ref.repo.rsplit('/', 1)[-1].removesuffix('-GGUF')} {chosen.name}"
-    shape = planner.shape_from_size(dims, chosen.size, name=label)
+    shape = catalog_shape(family, chosen.size, label)
     return shape, f"{ref.repo} {chosen.name}, not downloaded (sizes from the hub's file list)"
 
 
-def plan_report(path: Path | None, ref: ModelRef | None) -> dict[str, Any]:
-    """The automatic plan for this machine, as rows and numbers."""
+def plan_report(
+    path: Path | None, ref: ModelRef | None, machine: Machine | None = None
+) -> dict[str, Any]:
+    """The fit for `machine` (None: this one), as rows and numbers: the same fit model, margins
+    and automatic context as the load plan and `pull --list`."""
     from wizardchat.gguf_file import inspect_model
-    from wizardchat.plan import fit as planner
+    from wizardchat.plan.fit import find_fit
+    from wizardchat.plan.shapes import shape_from_gguf
 
+    if machine is None:
+        from wizardchat.engine.offload import detect_machine
+
+        machine = detect_machine()
     if path is not None:
-        shape = planner.shape_from_gguf(inspect_model(path))
+        shape = shape_from_gguf(inspect_model(path))
         source = f"{path.name} (tensor sizes from its header)"
     else:
         assert ref is not None
-        shape, source = _shape_not_downloaded(ref)
-    from wizardchat.engine import ggml
-    from wizardchat.engine.offload import remembered_ram_bandwidth
-
-    gpus, ram = planner.memories_from_devices(
-        ggml.devices(), ram_bandwidth=remembered_ram_bandwidth()
-    )
-    plan = planner.make_plan(shape, gpus, ram, n_ctx=min(shape.n_ctx_train, 16384))
+        shape, source = _shape_not_downloaded(ref, machine)
+    fit = find_fit(shape, machine)
     return {
         "source": source,
         "model_bytes": shape.total_bytes,
-        "one_line": plan.one_line(),
-        "rows": plan.rows(),
-        "n_gpu_layers": plan.n_gpu_layers,
-        "n_cpu_moe": plan.n_cpu_moe,
-        "n_ctx": plan.n_ctx,
-        "decode_bound_tps": plan.decode_bound,
+        "one_line": fit.one_line(),
+        "rows": fit.rows(),
+        "n_gpu_layers": fit.n_gpu_layers,
+        "n_cpu_moe": fit.n_cpu_moe,
+        "n_ctx": fit.n_ctx,
+        "decode_bound_tps": fit.decode_bound,
     }
 
 

@@ -15,6 +15,7 @@ from wizardchat.engine.generate import Sampling, TokenStream
 from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
 from wizardchat.gguf_file import quant_name
 from wizardchat.plan.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
+from wizardchat.plan.report import layer_ranges
 from wizardchat.settings import Settings
 
 
@@ -23,7 +24,7 @@ class LlamaEngine:
 
     def __init__(self, settings: Settings, *, progress: ProgressFn | None, log: IO[str] | None):
         overrides = plan_overrides(settings.override_tensor, settings.cpu_moe, settings.n_cpu_moe)
-        self.llm, self.plan, self.info, self._overrides = load(
+        self.llm, self.load_plan, self.info, self._overrides = load(
             settings, overrides, progress=progress, log=log
         )
         self.sampling = Sampling(
@@ -38,9 +39,9 @@ class LlamaEngine:
         self.eos = int(self.llm.token_eos())
         # Never budget past llama-cpp-python's token buffer, whatever llama.cpp padded the KV to.
         self.n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
-        self.model_name = self.plan.path.name
-        offload = self.plan.offload
-        self.offload_plan = offload.plan if offload else None
+        self.model_name = self.load_plan.path.name
+        offload = self.load_plan.offload
+        self.fit = offload.fit if offload else None  # the fit model's placement, None when off
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
@@ -71,22 +72,25 @@ class LlamaEngine:
     def describe(self) -> list[tuple[str, str]]:
         """What is loaded and where it sits, as (label, value) rows for /show."""
         rows = self._describe_load()
-        if self.offload_plan is not None:
-            rows += [(f"plan: {k}", v) for k, v in self.offload_plan.rows()[1:]]
+        if self.fit is not None:
+            rows += [(f"plan: {k}", v) for k, v in self.fit.rows()[1:]]
         else:
-            reason = self.plan.offload.reason if self.plan.offload else "off"
-            rows.append(("plan", reason))
+            rows.append(("plan", self._off_reason()))
         return rows
 
     def plan_line(self) -> str:
         """The plan in one line for the start of a chat."""
-        if self.offload_plan is not None:
-            return self.offload_plan.one_line()
-        return f"plan: {self.plan.offload.reason if self.plan.offload else 'off'}"
+        if self.fit is not None:
+            return self.fit.one_line()
+        return f"plan: {self._off_reason()}"
+
+    def _off_reason(self) -> str:
+        offload = self.load_plan.offload
+        return offload.reason if offload else "off"
 
     def _describe_load(self) -> list[tuple[str, str]]:
         return describe_load(
-            self.plan,
+            self.load_plan,
             quant=quant_name(self.info),
             architecture=self.info.architecture,
             n_layer=int(self.info.arch_value("block_count", 0)),
@@ -108,17 +112,6 @@ class LlamaEngine:
 _LAYER_RE = re.compile(r"blk\\\.(\d+)" + re.escape(EXPERTS_REGEX) + "$")
 
 
-def _layer_ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    out: list[str] = []
-    for n in sorted(layers):
-        if out and out[-1].split("-")[-1] == str(n - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{n}"
-        else:
-            out.append(str(n))
-    return ", ".join(out)
-
-
 def experts_in_ram(overrides: Sequence[Override], n_layer: int) -> str:
     """Which layers' expert tensors the overrides keep in system RAM, in words."""
     if not overrides:
@@ -134,7 +127,7 @@ def experts_in_ram(overrides: Sequence[Override], n_layer: int) -> str:
         else:
             parts.append(f"-ot {o.pattern}={o.buffer}")
     if layers:
-        parts.insert(0, f"layers {_layer_ranges(layers)} ({len(layers)} of {n_layer})")
+        parts.insert(0, f"layers {layer_ranges(layers)} ({len(layers)} of {n_layer})")
     return "; ".join(parts)
 
 

@@ -17,14 +17,17 @@ import llama_cpp.llama as llama_module
 from llama_cpp import Llama
 
 from wizardchat.engine import ggml
-from wizardchat.engine.offload import Offload, plan_offload
+from wizardchat.engine.offload import Offload, detect_machine, fit_load
 from wizardchat.engine.placement import OverrideArray
 from wizardchat.errors import ExitCode, LoadError, WizardchatError
-from wizardchat.gguf_file import GGUFInfo, inspect_model, model_bytes
-from wizardchat.plan import machine as hardware
+from wizardchat.ggml_types import KV_CACHE_TYPES, flash_attn_enabled
+from wizardchat.gguf_file import GGUFInfo, inspect_model
+from wizardchat.plan.fit import FALLBACK_CTX
+from wizardchat.plan.machine import Machine, physical_cores
 from wizardchat.plan.placement import Override, expert_overrides
+from wizardchat.plan.shapes import shape_from_gguf
 from wizardchat.safe_text import terminal_safe
-from wizardchat.settings import KV_CACHE_TYPES, Settings
+from wizardchat.settings import Settings
 from wizardchat.signals import before_fatal_exit
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -294,7 +297,7 @@ class LoadPlan:
     type_v: str
     overrides: tuple[Override, ...]
     ctx_capped: bool
-    offload: Offload | None = None  # the automatic plan and why it is on or off
+    offload: Offload | None = None  # the fit behind it, and why the placement is auto or not
     ctx_requested: int = 0  # -c as given, when llama.cpp's padding rounded it up to n_ctx
 
 
@@ -308,44 +311,39 @@ def pad_context(n_ctx: int) -> int:
 
 
 def plan_load(
-    settings: Settings, path: Path, info: GGUFInfo, overrides: list[Override]
+    settings: Settings,
+    path: Path,
+    info: GGUFInfo,
+    overrides: list[Override],
+    machine: Machine | None = None,
 ) -> LoadPlan:
-    """Resolve 'auto' settings (context, threads, flash attention) for this model and machine."""
-    n_ctx_train = int(info.arch_value("context_length", 4096))
-    n_ctx, capped = pad_context(settings.ctx_size), False
-    if n_ctx == 0:
-        free = hardware.host_memory()[0] + sum(
-            d.free_bytes for d in ggml.devices() if d.kind == "GPU"
-        )
-        free -= model_bytes(path, info) if not settings.mmap else 0
-        kv = hardware.kv_bytes_per_token(info, settings.cache_type_k, settings.cache_type_v)
-        n_ctx = pad_context(hardware.default_context(n_ctx_train, kv, free))
-        capped = n_ctx < n_ctx_train
+    """Resolve 'auto' settings (placement, context, threads, flash attention) for this model on
+    `machine` (None: this one), through the one fit model."""
+    n_ctx_train = int(info.arch_value("context_length", FALLBACK_CTX))
+    offload = fit_load(
+        settings,
+        shape_from_gguf(info),
+        machine or detect_machine(),
+        pad_context(settings.ctx_size),
+    )
     n_gpu_layers = settings.n_gpu_layers
-    offload = plan_offload(settings, info, n_ctx, int(info.arch_value("block_count", 0)))
-    if offload.plan is not None:
-        auto = offload.plan
-        n_gpu_layers = auto.n_gpu_layers
-        if auto.n_cpu_moe and not (settings.cpu_moe or settings.n_cpu_moe):
-            overrides = overrides + expert_overrides(False, auto.n_cpu_moe)
-        if settings.ctx_size == 0 and auto.n_ctx != n_ctx:
-            n_ctx, capped = pad_context(auto.n_ctx), True
-    quantized_v = settings.cache_type_v not in ("f32", "f16", "bf16")
-    # llama.cpp refuses a quantized V cache without flash attention; every backend wizardchat
-    # builds for (CPU, CUDA, Metal) implements it, so "auto" means on.
-    flash = settings.flash_attn != "off" or quantized_v
+    if offload.fit is not None:
+        n_gpu_layers = offload.fit.n_gpu_layers
+        if offload.fit.n_cpu_moe and not (settings.cpu_moe or settings.n_cpu_moe):
+            overrides = overrides + expert_overrides(False, offload.fit.n_cpu_moe)
+    n_ctx = pad_context(offload.n_ctx)
     return LoadPlan(
         path=path,
         n_ctx=n_ctx,
         n_gpu_layers=n_gpu_layers,
-        threads=settings.threads or hardware.physical_cores(),
+        threads=settings.threads or physical_cores(),
         batch_size=settings.batch_size,
         ubatch_size=min(settings.ubatch_size, settings.batch_size),
-        flash_attn=flash,
+        flash_attn=flash_attn_enabled(settings.flash_attn, settings.cache_type_v),
         type_k=settings.cache_type_k,
         type_v=settings.cache_type_v,
         overrides=tuple(overrides),
-        ctx_capped=capped,
+        ctx_capped=settings.ctx_size == 0 and n_ctx < n_ctx_train,
         offload=offload,
         ctx_requested=settings.ctx_size if settings.ctx_size != n_ctx else 0,
     )

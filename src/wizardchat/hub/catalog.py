@@ -24,19 +24,11 @@ DEFAULT_QUANT = "Q4_K_M"
 
 @dataclass(frozen=True)
 class Family:
-    """A model of the catalog: where it is published and its shape (for KV cache sizing)."""
+    """A model of the catalog: where it is published (its shape: plan/shapes.py CATALOG_DIMS)."""
 
     name: str
     repo: str
     alternatives: tuple[str, ...]
-    n_layer: int
-    n_head_kv: int
-    head_dim: int
-    n_ctx_train: int
-
-    def kv_bytes_per_token(self) -> int:
-        """An f16 K and V cache's bytes per token."""
-        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 2
 
 
 FAMILIES = {
@@ -50,19 +42,11 @@ FAMILIES = {
                 "mradermacher/WizardLM-2-8x22B-GGUF",
                 "mradermacher/WizardLM-2-8x22B-i1-GGUF",
             ),
-            n_layer=56,
-            n_head_kv=8,
-            head_dim=128,
-            n_ctx_train=65536,
         ),
         Family(
             name="wizardlm2-7b",
             repo="MaziyarPanahi/WizardLM-2-7B-GGUF",
             alternatives=("bartowski/WizardLM-2-7B-GGUF", "mradermacher/WizardLM-2-7B-GGUF"),
-            n_layer=32,
-            n_head_kv=8,
-            head_dim=128,
-            n_ctx_train=32768,
         ),
     )
 }

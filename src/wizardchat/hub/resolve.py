@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import threading
@@ -17,7 +16,6 @@ from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
 from wizardchat.hub import cache as hubcache
 from wizardchat.hub import download as hub
 from wizardchat.hub.catalog import (
-    DEFAULT_FAMILY,
     FAMILIES,
     Family,
     ModelRef,
@@ -27,117 +25,65 @@ from wizardchat.hub.catalog import (
     parse_ref,
     sort_quants,
 )
+from wizardchat.plan.fit import MIN_CTX, find_fit
+from wizardchat.plan.machine import Machine, machine_from_devices
+from wizardchat.plan.search import DEFAULT_MARGIN, RAM_RESERVE
+from wizardchat.plan.shapes import FitError, catalog_shape
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from wizardchat.plan.fit import ModelShape
-
-# A quant "fits" when the offload planner (planner.make_plan) places it on this machine's RAM and
-# GPUs with the KV cache of this many tokens: experts in RAM where the GPUs are too small, with
-# the planner's own working memory. The context then grows to whatever else fits.
-FIT_CONTEXT = 8192
+# A quant "fits" when the fit model (plan/fit.py find_fit) places it on this machine with its
+# automatic context, which never goes below MIN_CTX (8K) tokens: experts in RAM where the GPUs
+# are too small, with the fit model's own working memory. The load plan, doctor and bench ask
+# the same function about the same Machine, so they say the same.
 UNKNOWN_KV = 2 * 1024**3  # KV allowance for repositories outside the catalog
 FALLBACK_FAMILY = "wizardlm2-7b"  # what runs where no 8x22B quant fits
 BUDGET_STEP = 50_000_000  # how finely the largest fitting size is searched (bytes)
 
 
-@dataclass(frozen=True)
-class Machine:
-    """The memory a model must fit in: total RAM and each GPU's memory, in bytes (0: unknown)."""
+def detect_machine() -> Machine:
+    """This machine as the load will see it (engine/offload.py), or its RAM alone when
+    llama.cpp's library cannot be loaded to list the GPUs."""
+    try:
+        from wizardchat.engine.offload import detect_machine as detect
+    except (ImportError, OSError):  # no llama.cpp backend to ask: count RAM only
+        return machine_from_devices([])
+    return detect()
 
-    ram: int
-    gpus: tuple[int, ...] = ()
 
-    @classmethod
-    def detect(cls) -> Machine:
-        """This machine, from /proc/meminfo and llama.cpp's GPU devices."""
-        from wizardchat.plan import machine as hardware
-
-        ram = hardware.host_memory()[1]
-        try:
-            from wizardchat.engine import ggml
-
-            gpus = tuple(d.total_bytes for d in ggml.devices() if d.kind in ("GPU", "IGPU"))
-        except Exception:  # no llama.cpp backend to ask: count RAM only
-            gpus = ()
-        return cls(ram, gpus)
-
-    @property
-    def reserve(self) -> int:
-        """The planner's fixed working memory: the OS in RAM, compute buffers per GPU."""
-        from wizardchat.plan.fit import DEFAULT_MARGIN, RAM_RESERVE
-
-        return RAM_RESERVE + DEFAULT_MARGIN * len(self.gpus)
-
-    def describe(self) -> str:
-        """'21.0 GB RAM and no GPU', '137.4 GB RAM + 25.8 GB GPU'."""
-        gpu = f" + {human_size(sum(self.gpus))} GPU" if self.gpus else " and no GPU"
-        return f"{human_size(self.ram)} RAM{gpu}"
+def describe(machine: Machine) -> str:
+    """'21.0 GB RAM and no GPU', '137.4 GB RAM + 25.8 GB GPU'."""
+    gpu = f" + {human_size(machine.gpu_bytes)} GPU" if machine.gpus else " and no GPU"
+    return f"{human_size(machine.ram.limit)} RAM{gpu}"
 
 
 def fit_kv(ref: ModelRef) -> int:
-    """The KV cache a quant must leave room for: FIT_CONTEXT tokens in f16."""
-    return ref.family.kv_bytes_per_token() * FIT_CONTEXT if ref.family else UNKNOWN_KV
+    """The KV cache a quant must leave room for: MIN_CTX tokens in f16."""
+    if ref.family is None:
+        return UNKNOWN_KV
+    return catalog_shape(ref.family.name, 0).kv_bytes_per_token("f16", "f16") * MIN_CTX
 
 
-def fit_shape(family: Family, size: int) -> ModelShape:
-    """The planner's picture of a `size`-byte quant of `family`, sized without its file.
+def fits(family: Family, size: int, machine: Machine) -> bool:
+    """Whether the fit model places a `size`-byte quant of `family` on `machine`.
 
-    8x22B: the planner's Q4_K_M layout (shared tensors, experts per layer) scaled to `size`, so
-    expert placement counts as it will at load time. Others (the dense 7B): `size` spread over
-    the layers, with 2% each for the token embeddings and the output.
+    Its automatic context shrinks down to MIN_CTX, and whatever fits at more tokens fits at
+    fewer, so asking at MIN_CTX gives the same answer at a quarter of the search.
     """
-    from wizardchat.plan.fit import LayerSize, ModelShape, wizardlm2_8x22b_shape
-
-    if family.name == DEFAULT_FAMILY:
-        base = wizardlm2_8x22b_shape()
-        r = size / base.total_bytes
-        return dataclasses.replace(
-            base,
-            layers=tuple(LayerSize(int(x.shared * r), int(x.experts * r)) for x in base.layers),
-            input_bytes=int(base.input_bytes * r),
-            output_bytes=int(base.output_bytes * r),
-            name=family.name,
-        )
-    edge = size // 50
-    layer = LayerSize((size - 2 * edge) // family.n_layer, 0)
-    return ModelShape(
-        n_layer=family.n_layer,
-        n_embd=family.n_head_kv * family.head_dim * 4,
-        n_head=family.n_head_kv * 4,
-        n_head_kv=family.n_head_kv,
-        head_dim=family.head_dim,
-        n_expert=0,
-        n_expert_used=0,
-        n_ctx_train=family.n_ctx_train,
-        layers=(layer,) * family.n_layer,
-        input_bytes=edge,
-        output_bytes=edge,
-        name=family.name,
-    )
-
-
-def plans(family: Family, size: int, machine: Machine) -> bool:
-    """Whether the planner places a `size`-byte quant of `family` here at FIT_CONTEXT tokens."""
-    from wizardchat.plan.fit import Memory, PlanError, make_plan
-
-    gpus = [Memory(f"GPU{i}", "GPU", g) for i, g in enumerate(machine.gpus)]
-    ram = Memory("RAM", "RAM", machine.ram, total_bytes=machine.ram)
     try:
-        plan = make_plan(fit_shape(family, size), gpus, ram, n_ctx=FIT_CONTEXT, min_ctx=FIT_CONTEXT)
-    except PlanError:
+        return find_fit(catalog_shape(family.name, size), machine, n_ctx=MIN_CTX).fits
+    except FitError:
         return False
-    return plan.fits
 
 
 @functools.lru_cache(maxsize=64)
 def _planned_budget(family: Family, machine: Machine) -> int:
-    """The largest quant size of `family` the planner places here (to BUDGET_STEP bytes)."""
-    lo, hi = 0, (machine.ram + sum(machine.gpus)) // BUDGET_STEP + 1
-    while lo < hi:  # about 15 plans of ~10 ms each
+    """The largest quant size of `family` the fit model places here (to BUDGET_STEP bytes)."""
+    lo, hi = 0, (machine.ram.limit + machine.gpu_bytes) // BUDGET_STEP + 1
+    while lo < hi:  # about 15 fits of ~10 ms each
         mid = (lo + hi + 1) // 2
-        if plans(family, mid * BUDGET_STEP, machine):
+        if fits(family, mid * BUDGET_STEP, machine):
             lo = mid
         else:
             hi = mid - 1
@@ -145,18 +91,44 @@ def _planned_budget(family: Family, machine: Machine) -> int:
 
 
 def memory_budget(ref: ModelRef, machine: Machine) -> int | None:
-    """Bytes of model files this machine holds with an 8K KV cache, by the planner's numbers
+    """Bytes of model files this machine holds with an 8K KV cache, by the fit model's numbers
     (None: memory unknown). Outside the catalog, no shape: RAM + GPU less KV and reserve."""
-    if machine.ram <= 0:
+    if machine.ram.limit <= 0:
         return None
     if ref.family is not None:
         return _planned_budget(ref.family, machine)
-    return max(0, machine.ram + sum(machine.gpus) - UNKNOWN_KV - machine.reserve)
+    reserve = RAM_RESERVE + DEFAULT_MARGIN * len(machine.gpus)
+    return max(0, machine.ram.limit + machine.gpu_bytes - UNKNOWN_KV - reserve)
+
+
+def size_limit(ref: ModelRef, quants: dict[str, Quant], machine: Machine) -> int | None:
+    """The largest of these quants' sizes that fits `machine` (0: none does; None: memory
+    unknown). In the catalog each size is asked of the fit model itself, not compared with the
+    rounded budget, so `pull --list`, the load plan and doctor agree to the byte."""
+    budget = memory_budget(ref, machine)
+    if budget is None or ref.family is None:
+        return budget
+    return _largest_fitting(ref.family, tuple(sorted({q.size for q in quants.values()})), machine)
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_fitting(family: Family, sizes: tuple[int, ...], machine: Machine) -> int:
+    lo, hi = (
+        0,
+        len(sizes),
+    )  # sizes[:lo] fit, sizes[hi:] do not: bigger never fits where smaller fails
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(family, sizes[mid], machine):
+            lo = mid + 1
+        else:
+            hi = mid
+    return sizes[lo - 1] if lo else 0
 
 
 def _room(ref: ModelRef, budget: int) -> str:
     return (
-        f"model files up to {human_size(budget)} with an {FIT_CONTEXT // 1024}K-token KV cache "
+        f"model files up to {human_size(budget)} with an {MIN_CTX // 1024}K-token KV cache "
         f"({human_size(fit_kv(ref))}) and working memory"
     )
 
@@ -166,7 +138,7 @@ def budget_line(ref: ModelRef, machine: Machine) -> str:
     budget = memory_budget(ref, machine)
     if budget is None:
         return "this machine: memory unknown, so nothing is marked as fitting"
-    return f"this machine: {machine.describe()}, which hold {_room(ref, budget)}"
+    return f"this machine: {describe(machine)}, which hold {_room(ref, budget)}"
 
 
 def quant_table(
@@ -174,14 +146,14 @@ def quant_table(
 ) -> tuple[list[tuple[str, ...]], str | None, str]:
     """Rows of `pull --list` (quant, size, files, fits), the quant a plain pull would take (None:
     none fits, a plain pull refuses), and the line about this machine's budget."""
-    budget = memory_budget(ref, machine)
-    chosen = choose_quant(model.quants, ModelRef(ref.repo, None, ref.family), budget)
-    default = None if budget is not None and chosen.size > budget else chosen.name
+    limit = size_limit(ref, model.quants, machine)
+    chosen = choose_quant(model.quants, ModelRef(ref.repo, None, ref.family), limit)
+    default = None if limit is not None and chosen.size > limit else chosen.name
     rows: list[tuple[str, ...]] = [("QUANT", "SIZE", "FILES", "FITS", "")]
     for name in sort_quants(model.quants):
         q = model.quants[name]
         files = f"{len(q.files)} {q.layout}" + ("" if q.complete else f" (of {q.expected})")
-        fits = "?" if budget is None else "yes" if q.size <= budget else "no"
+        fits = "?" if limit is None else "yes" if q.size <= limit else "no"
         rows.append(
             (name, human_size(q.size), files, fits, "<- default" if name == default else "")
         )
@@ -195,12 +167,12 @@ class Download:
     ref: ModelRef  # the reference with the quant named
     model: hub.RemoteModel
     quant: Quant
-    budget: int | None
+    limit: int | None  # size_limit: the largest size of the repository's quants that fits
 
     @property
     def fits(self) -> bool:
         """Whether it fits (an unknown memory counts as fitting: nothing to say otherwise)."""
-        return self.budget is None or self.quant.size <= self.budget
+        return self.limit is None or self.quant.size <= self.limit
 
     @property
     def what(self) -> str:
@@ -212,9 +184,9 @@ class Download:
 
 
 def _download(ref: ModelRef, model: hub.RemoteModel, machine: Machine) -> Download:
-    budget = memory_budget(ref, machine)
-    quant = choose_quant(model.quants, ref, budget)
-    return Download(ModelRef(ref.repo, quant.name, ref.family), model, quant, budget)
+    limit = size_limit(ref, model.quants, machine)
+    quant = choose_quant(model.quants, ref, limit)
+    return Download(ModelRef(ref.repo, quant.name, ref.family), model, quant, limit)
 
 
 def what_runs(wanted: Download, machine: Machine) -> Download | None:
@@ -261,16 +233,16 @@ def nothing_fits(wanted: Download, machine: Machine) -> str:
     """Why `wanted` is not offered, with the numbers."""
     complete = [q for q in wanted.model.quants.values() if q.complete]
     smallest = min(complete, key=lambda q: q.size)
-    budget = wanted.budget or 0
+    budget = memory_budget(wanted.ref, machine) or 0
     name = str(ModelRef(wanted.ref.repo, None, wanted.ref.family))
-    if smallest.size > budget:
+    if smallest.size > (wanted.limit or 0):
         why = (
             f"no quant of {name} fits this machine: the smallest, {smallest.name}, is "
             f"{human_size(smallest.size)}"
         )
     else:
         why = f"{wanted.ref} ({human_size(wanted.quant.size)}) does not fit this machine"
-    return f"{why}, and {machine.describe()} hold {_room(wanted.ref, budget)}"
+    return f"{why}, and {describe(machine)} hold {_room(wanted.ref, budget)}"
 
 
 class LineProgress:
@@ -418,7 +390,7 @@ def resolve_model(
             raise
         # No terminal to ask on: the advice is to pull first, whatever the hub's state.
         raise NoModelError(f"{ref} is not downloaded: {pull_first}", hints=(str(e),)) from None
-    machine = machine or Machine.detect()
+    machine = machine or detect_machine()
     wanted = _download(ref, model, machine)
     if not wanted.fits:
         chosen = _nothing_fits(

@@ -1,21 +1,25 @@
-"""Facts about this machine (cores, memory) and the arithmetic that sizes the context to fit it."""
+"""This machine: its cores, and its memories (RAM and GPUs, free bytes and bandwidth).
+
+`Machine` is the one description of a machine that every fit uses (the quant choice, the
+default context, the load plan, doctor, bench); the functions here fill it from the system
+(`host_memory`, `machine_from_devices` with the devices engine/ lists) or measure it
+(`measure_ram_bandwidth`). Only this module touches the machine.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-
-from wizardchat.gguf_file import GGUFInfo
-
-# Bytes per element of the KV cache types (block bytes / block size).
-_KV_TYPE_BYTES = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-    "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32,
-}  # fmt: skip
-CTX_FLOOR = 2048  # below this a chat is not worth having; let llama.cpp try and say why
-CTX_STEP = 256
+from typing import Protocol
 
 
 def physical_cores() -> int:
@@ -61,26 +65,169 @@ def host_memory() -> tuple[int, int]:
     return int(total * 0.7), total  # macOS has no cheap "available"; assume most is reclaimable
 
 
-def kv_bytes_per_token(info: GGUFInfo, type_k: str, type_v: str) -> int:
-    """KV cache bytes one context token costs for this model (224 KiB in f16 for 8x22B)."""
-    n_layer = int(info.arch_value("block_count", 0))
-    n_head = int(info.arch_value("attention.head_count", 1))
-    n_head_kv = int(info.arch_value("attention.head_count_kv", n_head))
-    n_embd = int(info.arch_value("embedding_length", 0))
-    head_k = int(info.arch_value("attention.key_length", n_embd // max(n_head, 1)))
-    head_v = int(info.arch_value("attention.value_length", head_k))
-    per_layer = n_head_kv * (head_k * _KV_TYPE_BYTES[type_k] + head_v * _KV_TYPE_BYTES[type_v])
-    return int(n_layer * per_layer)
+@dataclass(frozen=True)
+class Memory:
+    """One place weights can sit: a GPU, an RPC server or system RAM."""
+
+    name: str  # "CUDA0", "RAM", "RPC[127.0.0.1:50052]"...
+    kind: str  # "GPU", "RAM" or "RPC"
+    free_bytes: int
+    bandwidth: float | None = None  # bytes/s, None if unknown
+    # RAM only: with mmap the model may exceed the free RAM up to the total (the page cache
+    # streams it, slowly); None means free_bytes is the limit.
+    total_bytes: int | None = None
+
+    @property
+    def limit(self) -> int:
+        """The most bytes this memory can hold in a plan."""
+        if self.kind == "RAM" and self.total_bytes:
+            return max(self.total_bytes, self.free_bytes)
+        return self.free_bytes
 
 
-def default_context(n_ctx_train: int, kv_per_token: int, free_bytes: int) -> int:
-    """The model's trained context, capped to what fits in `free_bytes` for the KV cache.
+@dataclass(frozen=True)
+class Machine:
+    """The one description of a machine every fit uses: its GPUs/RPC servers, in device order
+    (llama.cpp's tensor split follows it), and its system RAM."""
 
-    Uses at most 3/4 of the free memory so compute buffers and the OS keep room.
+    gpus: tuple[Memory, ...]
+    ram: Memory
+
+    @classmethod
+    def sized(cls, ram: int, gpus: Sequence[int] = (), *, ram_free: int | None = None) -> Machine:
+        """A machine of `ram` bytes of RAM (`ram_free` of them free; default all) and GPUs of
+        these free bytes, bandwidths unknown: what tests and `pull --list` examples describe."""
+        return cls(
+            tuple(Memory(f"GPU{i}", "GPU", g) for i, g in enumerate(gpus)),
+            Memory("RAM", "RAM", ram if ram_free is None else ram_free, total_bytes=ram),
+        )
+
+    @property
+    def gpu_bytes(self) -> int:
+        """The free bytes of all GPUs/RPC servers together."""
+        return sum(g.free_bytes for g in self.gpus)
+
+
+# Peak memory bandwidth (bytes/s) by device description; every word must appear, first match
+# wins, so specific entries come before general ones. Vendor data-sheet figures.
+GPU_BANDWIDTHS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("gh200",), 4.0e12),
+    (("h200",), 4.8e12),
+    (("h100", "pcie"), 2.0e12),
+    (("h100", "nvl"), 3.9e12),
+    (("h100",), 3.35e12),  # SXM
+    (("h800", "pcie"), 2.0e12),
+    (("h800",), 3.35e12),
+    (("b200",), 8.0e12),
+    (("a100", "40gb"), 1.555e12),
+    (("a100",), 2.0e12),  # 80 GB: 1.94 (PCIe) to 2.04 (SXM)
+    (("l40s",), 0.864e12),
+    (("l40",), 0.864e12),
+    (("l4",), 0.3e12),
+    (("a40",), 0.696e12),
+    (("a10g",), 0.6e12),
+    (("a10",), 0.6e12),
+    (("v100",), 0.9e12),
+    (("t4",), 0.32e12),
+    (("rtx", "5090"), 1.792e12),
+    (("rtx", "4090"), 1.008e12),
+    (("rtx", "4080"), 0.717e12),
+    (("rtx", "3090", "ti"), 1.008e12),
+    (("rtx", "3090"), 0.936e12),
+    (("rtx", "pro", "6000"), 1.792e12),
+    (("rtx", "6000", "ada"), 0.96e12),
+    (("rtx", "a6000"), 0.768e12),
+    (("mi325x",), 6.0e12),
+    (("mi300x",), 5.3e12),
+    (("mi250x",), 3.2e12),
+    (("mi250",), 3.2e12),
+    (("m1", "ultra"), 0.8e12),
+    (("m2", "ultra"), 0.8e12),
+    (("m3", "ultra"), 0.819e12),
+    (("m1", "max"), 0.4e12),
+    (("m2", "max"), 0.4e12),
+    (("m3", "max"), 0.4e12),
+    (("m4", "max"), 0.546e12),
+    (("m4", "pro"), 0.273e12),
+)
+
+
+def gpu_bandwidth(description: str) -> float | None:
+    """Peak memory bandwidth of a GPU from its description ("NVIDIA H100 PCIe"), if known."""
+    words = set(re.split(r"[^a-z0-9]+", description.lower()))
+    for needed, bandwidth in GPU_BANDWIDTHS:
+        if words.issuperset(needed):
+            return bandwidth
+    return None
+
+
+class DeviceLike(Protocol):
+    """What `machine_from_devices` reads of a device (wizardchat.engine.ggml.Device fits)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def free_bytes(self) -> int: ...
+
+
+def machine_from_devices(
+    devices: Sequence[DeviceLike],
+    *,
+    ram_bandwidth: float | None = None,
+    host: tuple[int, int] | None = None,
+) -> Machine:
+    """The GPUs/RPC servers and the system RAM as fit memories (reads /proc/meminfo).
+
+    `host` is (available, total) RAM, read from the system when None. An integrated GPU or an
+    Apple GPU shares the system RAM, so what it can take is not counted twice.
     """
-    if n_ctx_train <= 0:
-        n_ctx_train = 4096
-    if kv_per_token <= 0:
-        return n_ctx_train
-    fits = int(max(free_bytes, 0) * 0.75) // kv_per_token // CTX_STEP * CTX_STEP
-    return min(n_ctx_train, max(fits, min(CTX_FLOOR, n_ctx_train)))
+    available, total = host if host is not None else host_memory()
+    gpus: list[Memory] = []
+    for d in devices:
+        if d.name.upper().startswith("RPC"):
+            gpus.append(Memory(d.name, "RPC", d.free_bytes))
+        elif d.kind in ("GPU", "IGPU"):
+            gpus.append(Memory(d.name, "GPU", d.free_bytes, gpu_bandwidth(d.description)))
+            if d.kind == "IGPU" or d.description.lower().startswith("apple"):
+                available = max(available - d.free_bytes, 0)
+                total = max(total - d.free_bytes, 0)
+    return Machine(tuple(gpus), Memory("RAM", "RAM", available, ram_bandwidth, total))
+
+
+def measure_ram_bandwidth(seconds_budget: float = 0.2, *, size: int = 256 << 20) -> float:
+    """Host memory bandwidth in bytes/s, to an order of magnitude.
+
+    Copies a `size`-byte buffer with `ctypes.memmove` (which releases the GIL) split over one
+    thread per physical core, up to 16, repeated for about `seconds_budget` after the pages are
+    touched; the best round counts `2 * size` bytes (read + write). It is not STREAM: it says
+    "60 GB/s desktop" or "300 GB/s server", good enough for a decode bound.
+    """
+    threads = max(1, min(physical_cores(), 16))
+    chunk = max(size // threads // 4096 * 4096, 4096)
+    size = chunk * threads
+    src = (ctypes.c_char * size)()
+    dst = (ctypes.c_char * size)()
+    src_at, dst_at = ctypes.addressof(src), ctypes.addressof(dst)
+
+    def touch(k: int) -> None:
+        ctypes.memset(src_at + k * chunk, 1, chunk)
+        ctypes.memset(dst_at + k * chunk, 0, chunk)
+
+    def copy(k: int) -> None:
+        ctypes.memmove(dst_at + k * chunk, src_at + k * chunk, chunk)
+
+    best = math.inf
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(touch, range(threads)))
+        deadline = time.perf_counter() + seconds_budget
+        rounds = 0
+        while rounds < 2 or (time.perf_counter() < deadline and rounds < 100):
+            start = time.perf_counter()
+            list(pool.map(copy, range(threads)))
+            best = min(best, time.perf_counter() - start)
+            rounds += 1
+    return 2 * size / max(best, 1e-9)
