@@ -262,7 +262,7 @@ def test_without_a_log_a_load_error_points_at_verbose(models, isolated_home: Pat
 
 
 def test_a_log_over_10_mb_is_rotated_keeping_one_old_log(models, isolated_home: Path) -> None:
-    from wizardchat.engine.model import LOG_ROTATE_BYTES
+    from wizardchat.engine.llama_log import LOG_ROTATE_BYTES
 
     logs = isolated_home / "logs"
     logs.mkdir(parents=True)

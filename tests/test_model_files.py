@@ -153,9 +153,9 @@ def test_a_broken_chat_template_does_not_stop_the_load(tmp_path: Path) -> None:
 
 ABORT = """
 import ctypes, sys
-from wizardchat.engine import model
+from wizardchat.engine import llama_log
 import llama_cpp.llama_cpp as bindings
-model.install_abort_handler()
+llama_log.install_abort_handler()
 dev_get = bindings._lib["ggml_backend_dev_get"]
 dev_get.argtypes, dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
 print("before", flush=True)

@@ -206,7 +206,7 @@ def _llama_log(settings: Settings) -> Iterator[IO[str]]:
         yield sys.stderr
         return
     from wizardchat import paths
-    from wizardchat.engine.model import open_llama_log
+    from wizardchat.engine.llama_log import open_llama_log
 
     stderr = sys.stderr  # not the redirect the load puts in place, which is this log
 
@@ -233,7 +233,7 @@ def _engine(
             yield engine, _session(engine, settings, verbose_prompt)
         finally:
             engine.close()
-            from wizardchat.engine.model import route_llama_log
+            from wizardchat.engine.llama_log import route_llama_log
 
             route_llama_log(None)
 

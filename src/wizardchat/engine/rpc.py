@@ -261,7 +261,7 @@ def add_servers(endpoints: Sequence[str], timeout: float = 3.0) -> list[str]:
         if canonical not in wanted:
             wanted.append(canonical)
     api = _api()
-    from wizardchat.engine.model import install_abort_handler
+    from wizardchat.engine.llama_log import install_abort_handler
 
     install_abort_handler()  # a worker failing after the handshake makes llama.cpp abort
     with _added_lock:
