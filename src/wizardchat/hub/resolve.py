@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
-from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
+from wizardchat.errors import Declined, HubError, NoModelError
 from wizardchat.hub import cache as hubcache
 from wizardchat.hub import download as hub
 from wizardchat.hub.catalog import (
@@ -59,7 +59,9 @@ class Machine:
             from wizardchat.engine import ggml
 
             gpus = tuple(d.total_bytes for d in ggml.devices() if d.kind in ("GPU", "IGPU"))
-        except Exception:  # no llama.cpp backend to ask: count RAM only
+        except (ImportError, OSError, RuntimeError):
+            # No llama.cpp to ask (not installed, or its shared library does not load: llama_cpp
+            # raises RuntimeError then): count RAM only. Anything else is a bug and shows.
             gpus = ()
         return cls(ram, gpus)
 
@@ -229,7 +231,7 @@ def what_runs(wanted: Download, machine: Machine) -> Download | None:
     ref = ModelRef(seven.repo, None, seven)
     try:
         fallback = _download(ref, hub.list_remote(ref), machine)
-    except WizardchatError:  # the hub cannot list it: there is nothing to offer
+    except (HubError, NoModelError):  # the hub cannot list it: there is nothing to offer
         return None
     return fallback if fallback.fits else None
 
