@@ -221,6 +221,21 @@ def test_a_programming_error_while_downloading_is_not_retried_nor_called_a_netwo
     assert len(downloads) == 1  # asked once: a bug is not a dropped connection
 
 
+def test_a_busy_hub_is_retried_and_a_hub_that_stays_down_says_so(
+    hub: FakeHub, tmp_path: Path, blobs: Blobs
+) -> None:
+    path = "WizardLM-2-7B.Q5_K_M.gguf"
+    hub.fail_with(SEVEN, path, 503, times=len(fetch.RETRY_DELAYS) + 1)  # every try of this run
+    down = run_cli("pull", "wizardlm2-7b:Q5_K_M")
+    assert down.code == 8, down.stderr
+    assert "wizardchat: error: download of" in down.stderr and "503" in down.stderr
+    assert "Traceback" not in down.stderr
+    hub.fail_with(SEVEN, path, 503, times=len(fetch.RETRY_DELAYS))  # the last retry gets it
+    busy = run_cli("pull", "wizardlm2-7b:Q5_K_M")
+    assert busy.code == 0, busy.stderr
+    assert Path(busy.stdout.strip()).read_bytes() == blobs.single
+
+
 def test_corrupt_download_fails_verification_and_leaves_no_file(
     hub: FakeHub, tmp_path: Path
 ) -> None:

@@ -129,8 +129,7 @@ def _transfer_with_retries(
 
     # What a network or a hub does: the connection drops or stalls, the hub has a bad moment.
     transient = (httpx.TransportError, ConnectionError, TimeoutError, _HubBusy)
-    have = part.stat().st_size if part.exists() else 0
-    hasher = _hashed(part) if have else hashlib.sha256()
+    have, hasher = _on_disk(part)
     attempt = 0
     while have < f.size:
         if cancel.is_set():
@@ -149,8 +148,7 @@ def _transfer_with_retries(
                 raise HubError(_failed(f, have, e)) from e
             time.sleep(RETRY_DELAYS[attempt])
             attempt += 1
-            have = part.stat().st_size
-            hasher = _hashed(part)
+            have, hasher = _on_disk(part)  # none yet if the hub failed before the first byte
         except (httpx.HTTPError, OSError) as e:  # a redirect loop; the local disk (full, gone)
             raise HubError(_failed(f, have, e)) from e
     return hasher
@@ -172,6 +170,13 @@ def _already_there(path: Path, f: RemoteFile, progress: Progress) -> bool:
         return True  # nothing to compare with: named by commit and path, as downloaded
     progress.note(f"verifying {f.path}, already in the cache")
     return _hashed(path).hexdigest() == f.sha256
+
+
+def _on_disk(part: Path) -> tuple[int, hashlib._Hash]:
+    """The bytes of a partial file so far (0 when there is none yet), and their sha256."""
+    if not part.exists():
+        return 0, hashlib.sha256()
+    return part.stat().st_size, _hashed(part)
 
 
 def _hashed(path: Path) -> hashlib._Hash:
