@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from wizardchat.chat.claims import SessionClaim, SessionHeld, lock_file
 from wizardchat.chat.session_file import (
@@ -180,17 +179,6 @@ class SessionStore:
         """Release every claim this store holds."""
         for claim in list(self._claims.values()):
             claim.release()
-
-    def __enter__(self) -> SessionStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- files --------------------------------------------------------------------------------
 
