@@ -59,9 +59,7 @@ class Machine:
             from wizardchat.engine import ggml
 
             gpus = tuple(d.total_bytes for d in ggml.devices() if d.kind in ("GPU", "IGPU"))
-        except (ImportError, OSError, RuntimeError):
-            # No llama.cpp to ask (not installed, or its shared library does not load: llama_cpp
-            # raises RuntimeError then): count RAM only. Anything else is a bug and shows.
+        except Exception:  # no llama.cpp backend to ask: count RAM only
             gpus = ()
         return cls(ram, gpus)
 
