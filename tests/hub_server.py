@@ -51,7 +51,8 @@ even with `hf_xet` installed. `HF_HUB_DISABLE_XET=1` is set anyway as a belt and
 `{constants.ENDPOINT}/api/agent-harnesses` once per process (3 s timeout) and caches it under
 `HF_HOME`; with telemetry disabled that request is never made, and this server answers it anyway.
 
-Fault injection is per (repo_id, path): `drop_after`, `corrupt`, `serve_html_error`, `stall`;
+Fault injection is per (repo_id, path): `drop_after`, `corrupt`, `serve_html_error`, `stall`,
+`fail_with` (the next GETs answer an HTTP error such as 503);
 `clear_faults()` removes them. `tamper(repo_id, commit=..., files=...)` makes the hub lie in its
 JSON answers the way a hostile or broken hub could (a commit id like `../../x`, a path or LFS sha256
 with `../`, a negative size, ...) while still serving the real bytes wherever the client then asks.
@@ -568,6 +569,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
         key = (repo.repo_id, path)
         faults = self.hub._faults_for(key, take_drop=not head)
+        if faults.status is not None:
+            raise HubError(faults.status, None, f"fault injected: HTTP {faults.status}")
         if faults.html and not head:
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -680,6 +683,7 @@ def _parse_range(value: str | None, size: int) -> tuple[int, int] | str | None:
 
 @dataclass
 class _Faults:
+    status: int | None = None  # answer this HTTP error instead of the file
     drop: _Drop | None = None
     corrupt: bool = False
     html: bool = False
@@ -701,6 +705,7 @@ class FakeHub:
         self._corrupt: set[tuple[str, str]] = set()
         self._html: set[tuple[str, str]] = set()
         self._stalls: dict[tuple[str, str], float] = {}
+        self._failures: dict[tuple[str, str], list[int]] = {}  # [status, GETs left]
         self._tampers: dict[str, _Tamper] = {}
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -805,6 +810,11 @@ class FakeHub:
         with self._lock:
             self._html.add((repo_id, path))
 
+    def fail_with(self, repo_id: str, path: str, status: int, times: int = 1) -> None:
+        """The next `times` GETs of the file answer HTTP `status` (a 503: the hub is busy)."""
+        with self._lock:
+            self._failures[(repo_id, path)] = [status, times]
+
     def stall(self, repo_id: str, path: str, seconds: float) -> None:
         """GETs send the headers, then wait `seconds` before the body."""
         with self._lock:
@@ -834,6 +844,7 @@ class FakeHub:
             self._corrupt.clear()
             self._html.clear()
             self._stalls.clear()
+            self._failures.clear()
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -876,7 +887,13 @@ class FakeHub:
                 if drop.times <= 0:
                     del self._drops[key]
                 drop = _Drop(drop.n_bytes, 1, drop.reset)
+            failure = self._failures.get(key) if take_drop else None
+            if failure is not None:
+                failure[1] -= 1
+                if failure[1] <= 0:
+                    del self._failures[key]
             return _Faults(
+                status=failure[0] if failure else None,
                 drop=drop,
                 corrupt=key in self._corrupt,
                 html=key in self._html,

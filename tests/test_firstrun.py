@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from conftest import WIZARDCHAT, run_cli
 from gguf_models import write_model
 from hub_server import FakeFile, FakeHub, hub_env, point_huggingface_hub_at
+from small_disk import small_disk_usage
 
 from wizardchat import errors
 from wizardchat.errors import NoModelError
@@ -181,7 +183,7 @@ def test_pull_without_a_quant_refuses_when_nothing_fits_and_names_what_runs(
 
 
 def test_yes_never_downloads_what_cannot_run_unless_named(
-    sized_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+    sized_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from wizardchat.errors import HubError
 
@@ -194,7 +196,8 @@ def test_yes_never_downloads_what_cannot_run_unless_named(
             err=io.StringIO(),
             machine=laptop(),
         )
-    monkeypatch.setenv("WIZARDCHAT_TEST_DISK_FREE_BYTES", "1000")  # stop before any byte
+    # A nearly full disk where the cache is: the pull must stop before any byte.
+    monkeypatch.setattr(shutil, "disk_usage", small_disk_usage(1000, tmp_path / "hf" / "hub"))
     err = io.StringIO()
     with pytest.raises(HubError, match="not enough disk space"):
         pulling.resolve_model(

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from gguf_models import SCRIPT_REPLY, write_model
-from hub_server import FakeFile, FakeHub, hub_env
+from hub_server import FakeFile, FakeHub, hub_env, point_huggingface_hub_at
+from small_disk import subprocess_env
 
 from wizardchat.errors import HubError
 from wizardchat.hub import download as hubmod
+from wizardchat.hub import fetch
 from wizardchat.hub.catalog import (
     ModelRef,
     Quant,
@@ -168,7 +170,7 @@ def test_dropped_connection_then_a_second_pull_fetches_only_the_rest(
     path = "WizardLM-2-7B.Q5_K_M.gguf"
     size = len(blobs.single)
     # Every attempt of this run (the first try and its retries) is cut after 100 KB.
-    hub.drop_after(SEVEN, path, 100_000, times=len(hubmod.RETRY_DELAYS) + 1)
+    hub.drop_after(SEVEN, path, 100_000, times=len(fetch.RETRY_DELAYS) + 1)
     first = run_cli("pull", "wizardlm2-7b:Q5_K_M")
     assert first.code == 8, first.stderr
     assert "run the same pull again to continue" in first.stderr
@@ -187,6 +189,51 @@ def test_dropped_connection_then_a_second_pull_fetches_only_the_rest(
     assert second.code == 0, second.stderr
     assert hub.served(SEVEN, path) == size - kept  # only the remaining bytes
     assert Path(second.stdout.strip()).read_bytes() == blobs.single
+
+
+class BrokenProgress:
+    """A progress display with a bug: a programming error inside the download step."""
+
+    def start(self, path: str, total: int, done: int) -> None:
+        pass
+
+    def advance(self, path: str, n: int) -> None:
+        raise TypeError("a bug in the progress display")
+
+    def finish(self, path: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def test_a_programming_error_while_downloading_is_not_retried_nor_called_a_network_failure(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf")
+    ref = parse_ref("wizardlm2-7b:Q5_K_M")
+    assert isinstance(ref, ModelRef)
+    model = hubmod.list_remote(ref)
+    hub.reset_counters()
+    with pytest.raises(TypeError, match="a bug in the progress display"):
+        hubmod.pull(model, model.quants["Q5_K_M"], BrokenProgress(), cancel=threading.Event())
+    downloads = [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
+    assert len(downloads) == 1  # asked once: a bug is not a dropped connection
+
+
+def test_a_busy_hub_is_retried_and_a_hub_that_stays_down_says_so(
+    hub: FakeHub, tmp_path: Path, blobs: Blobs
+) -> None:
+    path = "WizardLM-2-7B.Q5_K_M.gguf"
+    hub.fail_with(SEVEN, path, 503, times=len(fetch.RETRY_DELAYS) + 1)  # every try of this run
+    down = run_cli("pull", "wizardlm2-7b:Q5_K_M")
+    assert down.code == 8, down.stderr
+    assert "wizardchat: error: download of" in down.stderr and "503" in down.stderr
+    assert "Traceback" not in down.stderr
+    hub.fail_with(SEVEN, path, 503, times=len(fetch.RETRY_DELAYS))  # the last retry gets it
+    busy = run_cli("pull", "wizardlm2-7b:Q5_K_M")
+    assert busy.code == 0, busy.stderr
+    assert Path(busy.stdout.strip()).read_bytes() == blobs.single
 
 
 def test_corrupt_download_fails_verification_and_leaves_no_file(
@@ -240,8 +287,11 @@ def test_offline_uses_the_cache_only(hub: FakeHub, monkeypatch) -> None:
     assert hub.requests == []
 
 
-def test_not_enough_disk_is_refused_before_downloading(hub: FakeHub, monkeypatch) -> None:
-    monkeypatch.setenv(hubmod.FREE_BYTES_OVERRIDE, "1000")
+def test_not_enough_disk_is_refused_before_downloading(
+    hub: FakeHub, tmp_path: Path, monkeypatch
+) -> None:
+    for key, value in subprocess_env(1000, cache(tmp_path)).items():
+        monkeypatch.setenv(key, value)
     r = run_cli("pull", "wizardlm2-8x22b:Q4_K_M")
     assert r.code == 8
     assert re.search(

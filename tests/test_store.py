@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from wizardchat import paths
+from wizardchat.chat.session_file import MAX_FILE_BYTES
 from wizardchat.chat.store import (
-    MAX_FILE_BYTES,
     SavedSession,
     SavedTurn,
     SessionChanged,

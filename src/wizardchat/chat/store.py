@@ -1,189 +1,54 @@
-"""Saved conversations: one JSON file per session in the data dir, written atomically.
+"""Saved conversations: the sessions directory, one JSON file per session, written atomically.
 
-A session file holds text only (system prompt, and each turn's message and reply). Token ids are
-not stored: they belong to one tokenizer, and a restored conversation is evaluated afresh on its
-first new turn anyway, so re-tokenizing the text costs nothing extra and works with any model.
+The file format is chat/session_file.py; holding a name while a session is open is
+chat/claims.py. Writes go to a temporary file in the same directory, are flushed to disk, then
+renamed over the old file, so a crash or a kill at any moment leaves either the old or the new
+file, never half of one. A file that cannot be parsed, or holds a field of the wrong type, is
+reported and left exactly as it is.
 
-Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
-old file, so a crash or a kill at any moment leaves either the old or the new file, never half of
-one. A file that cannot be parsed, or holds a field of the wrong type, is reported and left
-exactly as it is.
-
-A session is open in one wizardchat at a time: `SessionStore.claim` takes an advisory lock on
-NAME.lock beside NAME.json (the kernel drops it when the holder dies, so a killed process leaves
-nothing that blocks). As a second line of defence `save` refuses to replace a file that changed
-on disk since this store last read or wrote it (`SessionChanged`), so no one's turns are lost.
+A session is open in one wizardchat at a time: `SessionStore.claim` takes the lock of
+chat/claims.py. As a second line of defence `save` refuses to replace a file that changed on
+disk since this store last read or wrote it (`SessionChanged`), so no one's turns are lost.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
-import math
 import os
 import re
-import socket
-import stat
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
+from wizardchat.chat.claims import SessionClaim, SessionHeld, lock_file
+from wizardchat.chat.session_file import (
+    LATEST_TIME,
+    SavedSession,
+    SavedTurn,
+    parse,
+    read_text,
+)
 from wizardchat.errors import SessionError
 from wizardchat.paths import make_private_dir
 
-FORMAT_VERSION = 1
+# The store's API includes the types it saves, loads and hands out (callers import them here).
+__all__ = [
+    "SavedSession",
+    "SavedTurn",
+    "SessionChanged",
+    "SessionClaim",
+    "SessionHeld",
+    "SessionStore",
+    "SessionSummary",
+    "auto_name",
+    "check_name",
+]
+
 SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# A conversation is text a person typed and read; far below this. A bigger file is not parsed
-# (json would need several times its size in memory).
-MAX_FILE_BYTES = 64 * 1024 * 1024
-# Timestamps from 1970 to the end of year 9999: what time.localtime can show everywhere.
-_LATEST_TIME = 253402300799.0
-
-
-@dataclass
-class SavedTurn:
-    """One exchange as saved: the user's message and the reply shown."""
-
-    user: str
-    reply: str
-    interrupted: bool = False
-
-
-@dataclass
-class SavedSession:
-    """A conversation as it is kept on disk."""
-
-    name: str
-    system: str
-    turns: list[SavedTurn] = field(default_factory=list)
-    model: str = ""  # the model file's name, to show
-    created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-    # What `--resume` loads it with again: a hub reference as given, or the file's absolute path
-    # ("" in files written before wizardchat kept it: then the configured model is used).
-    model_ref: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        """The file's JSON object."""
-        return {
-            "version": FORMAT_VERSION,
-            "name": self.name,
-            "model": self.model,
-            "model_ref": self.model_ref,
-            "created": self.created,
-            "updated": self.updated,
-            "system": self.system,
-            "turns": [
-                {"user": t.user, "reply": t.reply, "interrupted": t.interrupted} for t in self.turns
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> SavedSession:
-        """Parse a file's JSON object; ValueError says what is wrong with it.
-
-        Every field is checked for its exact type: a file written by hand or by another program
-        must not turn into a crash later (a null date, "no" read as true, a list as a name).
-        """
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        version = data.get("version")
-        if type(version) is not int or version != FORMAT_VERSION:  # `true == 1` in Python
-            raise ValueError(f"unknown format version {_short(version)}")
-        turns_data = data.get("turns")
-        if not isinstance(turns_data, list):
-            raise ValueError("'turns' is not a list")
-        return cls(
-            name=_text(data, "name", default=""),
-            system=_text(data, "system"),
-            turns=[_turn(t, i) for i, t in enumerate(turns_data, 1)],
-            model=_text(data, "model", default=""),
-            model_ref=_text(data, "model_ref", default=""),
-            created=_time(data, "created"),
-            updated=_time(data, "updated"),
-        )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _text(data: dict[str, Any], key: str, default: str | None = None) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        what = "missing" if key not in data else f"not a text ({_short(value)})"
-        raise ValueError(f"'{key}' is {what}")
-    return value
-
-
-def _time(data: dict[str, Any], key: str) -> float:
-    """A time stamp: a finite number of seconds between 1970 and the year 9999 (0 if absent)."""
-    value = data.get(key, 0.0)
-    if type(value) not in (int, float):  # bool is an int subclass: excluded by `type`
-        raise ValueError(f"'{key}' is not a time stamp ({_short(value)})")
-    seconds = float(value)
-    if not (math.isfinite(seconds) and 0.0 <= seconds <= _LATEST_TIME):
-        raise ValueError(f"'{key}' is out of range ({_short(value)})")
-    return seconds
-
-
-def _turn(data: Any, i: int) -> SavedTurn:
-    if not (isinstance(data, dict) and isinstance(data.get("user"), str)):
-        raise ValueError(f"turn {i} lacks a 'user' or 'reply' text")
-    if not isinstance(data.get("reply"), str):
-        raise ValueError(f"turn {i} lacks a 'user' or 'reply' text")
-    interrupted = data.get("interrupted", False)
-    if not isinstance(interrupted, bool):  # "no" must not read as true
-        raise ValueError(f"turn {i}: 'interrupted' is not true or false ({_short(interrupted)})")
-    return SavedTurn(data["user"], data["reply"], interrupted)
-
-
-def parse(text: str) -> SavedSession:
-    """A session from a file's text; ValueError (never anything else) says what is wrong."""
-    try:
-        data = json.loads(text)
-    except RecursionError:  # e.g. 100000 `[`: json recurses once per level
-        raise ValueError("nested too deeply") from None
-    try:
-        return SavedSession.from_json(data)
-    except RecursionError:  # repr of a deeply nested value in a message
-        raise ValueError("nested too deeply") from None
-
-
-def read_text(path: Path) -> str:
-    """A session file's text: a regular file (a symlink to one is fine) of sane size, UTF-8.
-
-    OSError or ValueError say what is wrong. Opening with O_NONBLOCK and checking the type
-    before reading means a FIFO or a device (a symlink to /dev/zero) cannot hang or flood us.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        info = os.fstat(fd)  # before fdopen, which has its own idea of what a directory is
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            mib = MAX_FILE_BYTES // 2**20
-            raise ValueError(f"too large ({info.st_size / 2**20:.0f} MiB; at most {mib} MiB)")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError("too large (it grew while being read)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
 
 
 @dataclass(frozen=True)
@@ -193,8 +58,7 @@ class SessionSummary:
     name: str
     turns: int | None  # None: the file could not be read
     updated: float
-    path: Path
-    problem: str = ""
+    problem: str = ""  # why the file could not be read
     model_ref: str = ""  # what --resume would load it with ("" if none is saved)
 
 
@@ -218,10 +82,6 @@ def auto_name(now: float | None = None) -> str:
     return time.strftime("chat-%Y%m%d-%H%M%S", time.localtime(now))
 
 
-class SessionHeld(SessionError):
-    """Another live wizardchat holds the session (its pid and host are in the message)."""
-
-
 class SessionChanged(SessionError):
     """The file changed on disk since this store read or wrote it; it was not overwritten."""
 
@@ -237,117 +97,6 @@ def _stamp(path: Path) -> _Stamp | None:
     except OSError:
         return None
     return (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
-
-
-class SessionClaim:
-    """This process's hold on one session name: release() or leaving a `with` gives it up.
-
-    The hold is an advisory lock (flock) on NAME.lock, which also names the holder (pid and
-    host) for the message another wizardchat shows. The kernel drops the lock when the process
-    dies, however it dies, so a stale NAME.lock never blocks anyone.
-    """
-
-    def __init__(self, store: SessionStore, name: str, path: Path, fd: int | None) -> None:
-        self.store, self.name, self.path = store, name, path
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        """Whether this claim still holds the session."""
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Give the session up (idempotent); the lock file is removed while still locked."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        self.store._forget_claim(self)
-        if fd >= 0:
-            # Unlink first, while locked: a process waiting on this inode re-checks the path
-            # after it gets the lock and starts over on the new file (see _lock_file).
-            if sys.platform != "win32":
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-            os.close(fd)
-
-    def __enter__(self) -> SessionClaim:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"SessionClaim({self.name!r}, held={self.held})"
-
-
-def _holder(path: Path) -> str:
-    """Who holds a lock file, from what it says: "pid 1234 on host"."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        host = "".join(c for c in str(info["host"])[:64] if c.isprintable())
-        return f"pid {int(info['pid'])} on {host}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "pid unknown"
-
-
-def _try_lock(fd: int) -> bool:
-    """Lock an open lock file without waiting; False if another process holds it."""
-    if sys.platform == "win32":
-        import msvcrt
-
-        try:
-            # Lock a byte far past the holder's text, so that text stays readable.
-            os.lseek(fd, 1 << 30, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        finally:
-            os.lseek(fd, 0, os.SEEK_SET)
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _lock_file(path: Path, name: str) -> int:
-    """An open, locked lock file for `name`, its text naming us; SessionError if held."""
-    for _ in range(20):  # bounded: each round loses only to a holder releasing at that instant
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if not _try_lock(fd):
-                raise SessionHeld(
-                    f"session '{name}' is open in another wizardchat ({_holder(path)}); "
-                    "close it there or use another --session"
-                )
-            if os.fstat(fd).st_ino != _stamp_ino(path):
-                os.close(fd)  # the holder released and removed this file meanwhile: again
-                continue
-            me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n"
-            os.ftruncate(fd, 0)
-            os.write(fd, me.encode("utf-8"))
-            return fd
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
-    raise SessionError(f"cannot claim session '{name}': its lock file keeps changing ({path})")
-
-
-def _stamp_ino(path: Path) -> int | None:
-    try:
-        return os.stat(path, follow_symlinks=False).st_ino
-    except OSError:
-        return None
 
 
 class SessionStore:
@@ -403,12 +152,12 @@ class SessionStore:
             return held
         try:
             make_private_dir(self.directory)
-            fd = _lock_file(self.directory / (name + LOCK_SUFFIX), name)
+            fd = lock_file(self.directory / (name + LOCK_SUFFIX), name)
         except ImportError:
             fd = -1  # no locking on this platform
         except OSError as e:
             raise SessionError(f"cannot claim session '{name}' in {self.directory}: {e}") from None
-        claim = SessionClaim(self, name, self.directory / (name + LOCK_SUFFIX), fd)
+        claim = SessionClaim(name, self.directory / (name + LOCK_SUFFIX), fd, self._forget_claim)
         if not self._exit_hook:
             self._exit_hook = True
             # At exit at the latest, so no NAME.lock is left behind (a kill leaves one, which
@@ -430,17 +179,6 @@ class SessionStore:
         """Release every claim this store holds."""
         for claim in list(self._claims.values()):
             claim.release()
-
-    def __enter__(self) -> SessionStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- files --------------------------------------------------------------------------------
 
@@ -527,9 +265,9 @@ class SessionStore:
                 mtime = os.lstat(path).st_mtime
             except OSError:
                 mtime = 0.0
-            return SessionSummary(name, None, min(max(mtime, 0.0), _LATEST_TIME), path, problem)
+            return SessionSummary(name, None, min(max(mtime, 0.0), LATEST_TIME), problem)
         return SessionSummary(
-            name, len(session.turns), session.updated, path, model_ref=session.model_ref
+            name, len(session.turns), session.updated, model_ref=session.model_ref
         )
 
     def list(self) -> list[SessionSummary]:

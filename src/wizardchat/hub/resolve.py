@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
-from wizardchat.errors import Declined, HubError, NoModelError, WizardchatError
+from wizardchat.errors import Declined, HubError, NoModelError
 from wizardchat.hub import cache as hubcache
 from wizardchat.hub import download as hub
 from wizardchat.hub.catalog import (
@@ -201,7 +201,7 @@ def what_runs(wanted: Download, machine: Machine) -> Download | None:
     ref = ModelRef(seven.repo, None, seven)
     try:
         fallback = _download(ref, hub.list_remote(ref), machine)
-    except WizardchatError:  # the hub cannot list it: there is nothing to offer
+    except (HubError, NoModelError):  # the hub cannot list it: there is nothing to offer
         return None
     return fallback if fallback.fits else None
 
