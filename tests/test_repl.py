@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -605,3 +606,29 @@ def test_sigterm_at_a_plain_prompt_leaves_the_terminal_on_a_new_line(
         assert child.wait() == 143
     finally:
         child.close(force=True)
+
+
+def test_a_programming_error_in_the_line_editor_setup_is_not_hidden(tmp_path: Path) -> None:
+    # make_reader falls back to plain lines on a terminal prompt-toolkit cannot drive (an
+    # OSError); a bug (here a TypeError from a bad argument) must surface, not read as that.
+    code = (
+        "from pathlib import Path\n"
+        "from wizardchat.tui.reader import make_reader\n"
+        f"make_reader(Path({str(tmp_path / 'history')!r}), None, {{}}, list, [])\n"
+        "print('fell back')\n"
+    )
+    child = pexpect.spawn(
+        sys.executable, ["-c", code], env={**os.environ, "TERM": "xterm"}, encoding="utf-8"
+    )
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    out = str(child.before)
+    assert "fell back" not in out
+    assert "TypeError" in out and child.exitstatus == 1
+
+
+def test_keyboard_echo_off_leaves_a_stream_that_is_no_terminal_alone(tmp_path: Path) -> None:
+    from wizardchat.tui.repl import keyboard_echo_off
+
+    with (tmp_path / "input").open("w+") as not_a_terminal, keyboard_echo_off(not_a_terminal):
+        pass

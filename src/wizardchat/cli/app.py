@@ -699,6 +699,7 @@ def _repl(
         session_names=store.names,  # file names only: completion never parses a file
         setting_names=commands.PARAMS,
         warn=_err,
+        debug=_state.debug,
     )
     session.notify = out.note
     session.progress = _prompt_progress()

@@ -344,14 +344,25 @@ def make_reader(
     session_names: Callable[[], list[str]],
     setting_names: Iterable[str],
     warn: Callable[[str], None] = lambda text: None,
+    debug: bool = False,
 ) -> LineReader:
-    """The best reader this terminal supports; `warn` gets a one-line warning (history)."""
+    """The best reader this terminal supports; `warn` gets a one-line warning (history).
+
+    A terminal prompt-toolkit cannot drive (it fails with OSError or ValueError) gets plain line
+    input; `debug` says why, with the traceback. Any other error is a bug and propagates.
+    """
     if terminal_can_edit(sys.stdin, sys.stdout):
         try:
             return ToolkitReader(
                 history_path, command_names, argument_kinds, session_names, setting_names, warn
             )
-        except Exception:  # an odd terminal prompt-toolkit cannot drive: fall back, not fail
-            pass
+        except (OSError, ValueError):
+            if debug:
+                import traceback
+
+                warn(
+                    "wizardchat: debug: no line editing on this terminal:\n"
+                    + traceback.format_exc()
+                )
     prompt_out = sys.stdout if sys.stdout.isatty() else sys.stderr
     return PlainReader(sys.stdin, prompt_out)
