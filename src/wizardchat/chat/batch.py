@@ -20,9 +20,8 @@ from wizardchat.signals import Termination
 
 @dataclass
 class BatchResult:
-    """How a batch went: answered turns and lines that were refused."""
+    """How a batch went: how many lines were refused, and whether a signal ended it."""
 
-    answered: int = 0
     failed: int = 0
     terminated: int = 0  # the exit status a SIGTERM/SIGHUP mid-reply asks for (0: none)
 
@@ -147,7 +146,6 @@ def run_lines(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
             text = batch.answer(line, lambda reply: stream_plain(reply, out)).text()
             out.write("\n\n" if not text.endswith("\n") else "\n")
             out.flush()
-            result.answered += 1
         except (UsageError, ContextError) as e:
             batch.error(f"line {number}: {e}")
             result.failed += 1
@@ -199,7 +197,6 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
                 "prompt": record["prompt"],
                 **answer_record(reply.result, session.engine.model_name),
             }
-            result.answered += 1
         except (UsageError, ContextError) as e:
             error(f"line {number}: {e}")
             answer = {"line": number, "error": str(e)}
