@@ -632,3 +632,15 @@ def test_keyboard_echo_off_leaves_a_stream_that_is_no_terminal_alone(tmp_path: P
 
     with (tmp_path / "input").open("w+") as not_a_terminal, keyboard_echo_off(not_a_terminal):
         pass
+
+
+def test_an_editor_variable_that_does_not_parse_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wizardchat.errors import WizardchatError
+    from wizardchat.tui.editor import editor_command
+
+    monkeypatch.setenv("VISUAL", "")
+    monkeypatch.setenv("EDITOR", 'code "--wait')  # an unclosed quote: shlex cannot split it
+    with pytest.raises(WizardchatError, match=r"cannot use \$EDITOR .*closing quotation"):
+        editor_command()

@@ -20,8 +20,12 @@ def editor_command() -> list[str]:
     """$VISUAL or $EDITOR, else the first common editor found."""
     for var in ("VISUAL", "EDITOR"):
         value = os.environ.get(var, "").strip()
-        if value:
+        if not value:
+            continue
+        try:
             return shlex.split(value)
+        except ValueError as e:  # an unclosed quote: the chat goes on, nothing is sent
+            raise EditorError(f"cannot use ${var} ({e.args[0].lower()}): {value[:60]!r}") from None
     for name in ("editor", "nano", "vim", "vi"):
         found = shutil.which(name)
         if found:
