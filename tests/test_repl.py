@@ -159,7 +159,11 @@ def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
     assert f"USER: first question ASSISTANT: {SCRIPT_REPLY}</s>" in out
 
     assert "temperature = 0.0" in chat.send("/set temperature 0")
-    assert re.search(r"temperature\s+0\.0", chat.send("/set"))
+    assert "seed = 7" in chat.send("/set seed 7")
+    assert "max_tokens = 50" in chat.send("/set max-tokens 50")
+    shown = chat.send("/set")
+    assert re.search(r"temperature\s+0\.0", shown)
+    assert re.search(r"seed\s+7 ", shown) and re.search(r"max_tokens\s+50 ", shown), shown
     out = chat.send("/set temperature hot")
     assert "'hot' is not a number" in out
     out = chat.send("/set top_p 7")
