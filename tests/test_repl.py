@@ -648,3 +648,58 @@ def test_an_editor_variable_that_does_not_parse_is_one_clear_error(
     monkeypatch.setenv("EDITOR", 'code "--wait')  # an unclosed quote: shlex cannot split it
     with pytest.raises(WizardchatError, match=r"cannot use \$EDITOR .*closing quotation"):
         editor_command()
+
+
+def test_commands_need_only_the_chat_context() -> None:
+    """Slash commands run on anything that implements commands.ChatContext, not only a Repl."""
+    from typing import Any
+
+    from wizardchat.chat.conversation import Conversation
+    from wizardchat.chat.reply import TurnResult
+    from wizardchat.tui import commands
+
+    class Out:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def text(self, text: str) -> None:
+            self.lines.append(text)
+
+        note = text
+
+        def rows(self, rows: Any, header: bool = False) -> None:
+            self.lines += ["  ".join(row) for row in rows]
+
+    class Context:
+        name = "notes"
+        out = Out()
+        conversation = Conversation(
+            system="Be brief.", tokenize=lambda s: [7] * len(s.split()), bos=1, eos=2, n_ctx=64
+        )
+        last_result: TurnResult | None = None
+
+        def __init__(self) -> None:
+            self.settings: dict[str, Any] = dict.fromkeys(commands.PARAMS, 0)
+
+        def setting(self, name: str) -> Any:
+            return self.settings[name]
+
+        def change_setting(self, name: str, value: Any) -> None:
+            self.settings[name] = value
+
+        def describe(self) -> list[tuple[str, str]]:
+            return [("model", "tiny")]
+
+    ctx = Context()
+    for line in ("set top_k 5", "set", "show", "prompt", "system"):
+        name, _, arg = line.partition(" ")
+        commands.find(name).handler(ctx, arg)  # type: ignore[arg-type]
+    assert ctx.settings["top_k"] == 5
+    shown = "\n".join(ctx.out.lines)
+    assert "top_k = 5" in shown and "model  tiny" in shown and "Be brief." in shown
+    assert "session  notes (0 turns, 0 in the model's context, 3 tokens)" in shown
+    with pytest.raises(commands.CommandError, match="no reply yet"):
+        commands.find("stats").handler(ctx, "")  # type: ignore[arg-type]
+    ctx.last_result = TurnResult(reply="ok", completion_tokens=1, finish="eos")
+    commands.find("stats").handler(ctx, "")  # type: ignore[arg-type]
+    assert "finish  eos" in "\n".join(ctx.out.lines)
