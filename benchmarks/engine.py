@@ -463,9 +463,9 @@ def bench_conversation(engine: LlamaEngine, max_tokens: int, slack: int) -> dict
     session = ChatSession(engine, system=DEFAULT_SYSTEM_PROMPT, max_tokens=max_tokens)
     turns = []
     for k, text in enumerate(USER_TURNS, 1):
-        reply = "".join(session.send(text))
-        last = session.last
-        assert last is not None
+        answer = session.send(text)
+        reply = answer.text()
+        last = answer.result
         new_user = len(session.conversation.turns[-1].user_tokens)
         turns.append(
             {

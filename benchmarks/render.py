@@ -248,14 +248,10 @@ def e2e_run(session: ChatSession, markdown: bool) -> dict[str, Any]:
     session.reset()
     console, file = terminal(), io.StringIO()
     start = time.perf_counter()
-    if markdown:
-        text = stream_markdown(session.send(USER_TEXT), console)
-    else:
-        text = stream_plain(session.send(USER_TEXT), file)
+    reply = session.send(USER_TEXT)
+    text = stream_markdown(reply, console) if markdown else stream_plain(reply, file)
     seconds = time.perf_counter() - start
-    last = session.last
-    assert last is not None
-    return {"seconds": seconds, "tokens": last.completion_tokens, "chars": len(text)}
+    return {"seconds": seconds, "tokens": reply.result.completion_tokens, "chars": len(text)}
 
 
 def bench_e2e(session: ChatSession, plan: Plan) -> dict[str, Any]:

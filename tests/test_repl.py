@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,7 +159,11 @@ def test_commands(models: Models, chats: type[Chat], tmp_path: Path) -> None:
     assert f"USER: first question ASSISTANT: {SCRIPT_REPLY}</s>" in out
 
     assert "temperature = 0.0" in chat.send("/set temperature 0")
-    assert re.search(r"temperature\s+0\.0", chat.send("/set"))
+    assert "seed = 7" in chat.send("/set seed 7")
+    assert "max_tokens = 50" in chat.send("/set max-tokens 50")
+    shown = chat.send("/set")
+    assert re.search(r"temperature\s+0\.0", shown)
+    assert re.search(r"seed\s+7 ", shown) and re.search(r"max_tokens\s+50 ", shown), shown
     out = chat.send("/set temperature hot")
     assert "'hot' is not a number" in out
     out = chat.send("/set top_p 7")
@@ -605,3 +610,96 @@ def test_sigterm_at_a_plain_prompt_leaves_the_terminal_on_a_new_line(
         assert child.wait() == 143
     finally:
         child.close(force=True)
+
+
+def test_a_programming_error_in_the_line_editor_setup_is_not_hidden(tmp_path: Path) -> None:
+    # make_reader falls back to plain lines on a terminal prompt-toolkit cannot drive (an
+    # OSError); a bug (here a TypeError from a bad argument) must surface, not read as that.
+    code = (
+        "from pathlib import Path\n"
+        "from wizardchat.tui.reader import make_reader\n"
+        f"make_reader(Path({str(tmp_path / 'history')!r}), None, {{}}, list, [])\n"
+        "print('fell back')\n"
+    )
+    child = pexpect.spawn(
+        sys.executable, ["-c", code], env={**os.environ, "TERM": "xterm"}, encoding="utf-8"
+    )
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    out = str(child.before)
+    assert "fell back" not in out
+    assert "TypeError" in out and child.exitstatus == 1
+
+
+def test_keyboard_echo_off_leaves_a_stream_that_is_no_terminal_alone(tmp_path: Path) -> None:
+    from wizardchat.tui.repl import keyboard_echo_off
+
+    with (tmp_path / "input").open("w+") as not_a_terminal, keyboard_echo_off(not_a_terminal):
+        pass
+
+
+def test_an_editor_variable_that_does_not_parse_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wizardchat.errors import WizardchatError
+    from wizardchat.tui.editor import editor_command
+
+    monkeypatch.setenv("VISUAL", "")
+    monkeypatch.setenv("EDITOR", 'code "--wait')  # an unclosed quote: shlex cannot split it
+    with pytest.raises(WizardchatError, match=r"cannot use \$EDITOR .*closing quotation"):
+        editor_command()
+
+
+def test_commands_need_only_the_chat_context() -> None:
+    """Slash commands run on anything that implements commands.ChatContext, not only a Repl."""
+    from typing import Any
+
+    from wizardchat.chat.conversation import Conversation
+    from wizardchat.chat.reply import TurnResult
+    from wizardchat.tui import commands
+
+    class Out:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def text(self, text: str) -> None:
+            self.lines.append(text)
+
+        note = text
+
+        def rows(self, rows: Any, header: bool = False) -> None:
+            self.lines += ["  ".join(row) for row in rows]
+
+    class Context:
+        name = "notes"
+        out = Out()
+        conversation = Conversation(
+            system="Be brief.", tokenize=lambda s: [7] * len(s.split()), bos=1, eos=2, n_ctx=64
+        )
+        last_result: TurnResult | None = None
+
+        def __init__(self) -> None:
+            self.settings: dict[str, Any] = dict.fromkeys(commands.PARAMS, 0)
+
+        def setting(self, name: str) -> Any:
+            return self.settings[name]
+
+        def change_setting(self, name: str, value: Any) -> None:
+            self.settings[name] = value
+
+        def describe(self) -> list[tuple[str, str]]:
+            return [("model", "tiny")]
+
+    ctx = Context()
+    for line in ("set top_k 5", "set", "show", "prompt", "system"):
+        name, _, arg = line.partition(" ")
+        commands.find(name).handler(ctx, arg)  # type: ignore[arg-type]
+    assert ctx.settings["top_k"] == 5
+    shown = "\n".join(ctx.out.lines)
+    assert "top_k = 5" in shown and "model  tiny" in shown and "Be brief." in shown
+    assert "session  notes (0 turns, 0 in the model's context, 3 tokens)" in shown
+    with pytest.raises(commands.CommandError, match="no reply yet"):
+        commands.find("stats").handler(ctx, "")  # type: ignore[arg-type]
+    ctx.last_result = TurnResult(reply="ok", completion_tokens=1, finish="eos")
+    commands.find("stats").handler(ctx, "")  # type: ignore[arg-type]
+    assert "finish  eos" in "\n".join(ctx.out.lines)

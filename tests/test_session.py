@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from gguf_models import SCRIPT_REPLY
 
-from wizardchat.chat.session import ChatSession, StopScanner
+from wizardchat.chat.reply import ReplyNotDone, StopScanner
+from wizardchat.chat.session import ChatSession
 from wizardchat.errors import ContextError
 from wizardchat.settings import DEFAULT_SYSTEM_PROMPT
 
@@ -20,10 +21,10 @@ def test_later_turns_evaluate_only_the_new_tokens(models, engine_factory) -> Non
     evaluated, new_tokens, prompts = [], [], []
     for q in questions:
         new_tokens.append(len(session.conversation.new_turn(q).user_tokens))
-        assert "".join(session.send(q)) == SCRIPT_REPLY
-        assert session.last is not None
-        evaluated.append(session.last.evaluated_tokens)
-        prompts.append(session.last.prompt_tokens)
+        reply = session.send(q)
+        assert reply.text() == SCRIPT_REPLY
+        evaluated.append(reply.result.evaluated_tokens)
+        prompts.append(reply.result.prompt_tokens)
     assert evaluated[0] == prompts[0]  # a fresh context evaluates the whole first prompt
     for k in (1, 2):
         assert evaluated[k] <= new_tokens[k] + 8, (evaluated, new_tokens)
@@ -46,9 +47,9 @@ def test_model_starting_a_user_turn_is_stopped_and_that_text_dropped(
     models, engine_factory
 ) -> None:
     session = _session(engine_factory(models.user_turn))
-    reply = "".join(session.send("Hi"))
-    assert reply == "Hi"  # neither "USER:" nor the newline before it
-    assert session.last is not None and session.last.finish == "stop"
+    reply = session.send("Hi")
+    assert reply.text() == "Hi"  # neither "USER:" nor the newline before it
+    assert reply.result.finish == "stop"
     assert "USER" not in session.conversation.turns[0].reply
     # The history still ends the turn with EOS, and the next turn works.
     assert "".join(session.send("again")) == "Hi"
@@ -98,33 +99,63 @@ def test_stop_scanner_keeps_a_token_that_holds_text_and_the_newline() -> None:
 
 def test_cancel_keeps_the_partial_reply_and_the_next_turn_works(models, engine_factory) -> None:
     session = _session(engine_factory(models.scripted))
-    stream = session.send("Hi")
+    reply = session.send("Hi")
+    stream = iter(reply)
     first = next(stream)
     session.cancel()
     rest = list(stream)
-    assert session.last is not None and session.last.finish == "interrupted"
+    assert reply.result.finish == "interrupted"
     turn = session.conversation.turns[0]
     assert turn.interrupted and turn.reply == first + "".join(rest)
     assert SCRIPT_REPLY.startswith(turn.reply) and turn.reply != SCRIPT_REPLY
-    assert "".join(session.send("Who are you?")) == SCRIPT_REPLY
-    assert session.last.evaluated_tokens <= len(session.conversation.turns[1].user_tokens) + 8
+    second = session.send("Who are you?")
+    assert second.text() == SCRIPT_REPLY
+    assert second.result.evaluated_tokens <= len(session.conversation.turns[1].user_tokens) + 8
 
 
 def test_consumer_interrupt_records_the_turn(models, engine_factory) -> None:
     session = _session(engine_factory(models.scripted))
-    stream = session.send("Hi")
+    reply = session.send("Hi")
+    stream = iter(reply)
     shown = next(stream) + next(stream)
-    stream.close()  # what Ctrl-C in the renderer does to the generator
+    reply.close()  # what Ctrl-C in the renderer does
     assert session.conversation.turns[0].reply == shown
     assert session.conversation.turns[0].interrupted
     assert "".join(session.send("Hi")) == SCRIPT_REPLY
 
 
+def test_the_result_is_there_once_the_reply_is_done_and_not_before(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    reply = session.send("Hi")
+    with pytest.raises(ReplyNotDone):
+        reply.result  # noqa: B018
+    stream = iter(reply)
+    first = next(stream)
+    with pytest.raises(ReplyNotDone):
+        reply.result  # noqa: B018
+    assert not reply.done and session.conversation.turns == []
+    assert first + "".join(stream) == SCRIPT_REPLY
+    assert reply.done and reply.result.finish == "eos" and reply.result.reply == SCRIPT_REPLY
+    assert reply.result.completion_tokens == len(session.conversation.turns[0].reply_tokens)
+    assert "".join(reply) == reply.text() == SCRIPT_REPLY  # a done reply reads again
+
+
+def test_a_reply_closed_before_it_is_read_keeps_the_message(models, engine_factory) -> None:
+    session = _session(engine_factory(models.scripted))
+    reply = session.send("Hi")
+    reply.close()  # e.g. the terminal went away before the first chunk was shown
+    assert reply.result.finish == "interrupted" and reply.result.dropped
+    assert [t.user for t in session.conversation.turns] == ["Hi"]  # said, so kept
+    assert session.conversation.window() == []
+    assert session.send("Hi").text() == SCRIPT_REPLY
+
+
 def test_max_tokens_ends_the_reply(models, engine_factory) -> None:
     session = _session(engine_factory(models.scripted), max_tokens=2)
-    assert "".join(session.send("Hi")) == "Hello,"
-    assert session.last is not None and session.last.finish == "length"
-    assert session.last.completion_tokens == 2
+    reply = session.send("Hi")
+    assert reply.text() == "Hello,"
+    assert reply.result.finish == "length"
+    assert reply.result.completion_tokens == 2
 
 
 def test_full_context_evicts_old_turns_and_says_so(models, engine_factory) -> None:
@@ -149,18 +180,19 @@ def test_a_prompt_aborted_before_any_reply_token_is_kept_but_not_seen(
     session.abort_prompt = True
     list(session.send("Hi"))
     big = "word " * 3000
-    stream = session.send(big)
+    reply = session.send(big)
     session.cancel()  # as the REPL's Ctrl-C does while the prompt is evaluated
-    assert list(stream) == []
-    assert session.last is not None and session.last.finish == "interrupted"
-    assert session.last.dropped
+    assert list(reply) == []
+    assert reply.result.finish == "interrupted"
+    assert reply.result.dropped
     # What the user said stays in the transcript; the model no longer sees it.
     assert [t.user for t in session.conversation.turns] == ["Hi", big]
     assert session.conversation.turns[1].interrupted and session.conversation.turns[1].reply == ""
     assert [t.user for t in session.conversation.window()] == ["Hi"]
     # The next message does not evaluate the aborted one again.
-    list(session.send("Who are you?"))
-    assert session.last.evaluated_tokens < 100
+    next_reply = session.send("Who are you?")
+    next_reply.text()
+    assert next_reply.result.evaluated_tokens < 100
     assert [t.user for t in session.conversation.window()] == ["Hi", "Who are you?"]
 
 

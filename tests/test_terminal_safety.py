@@ -361,7 +361,7 @@ def _drain(fd: int) -> bytes:
 
 
 def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
-    from wizardchat.tui.repl import PlainOutput
+    from wizardchat.tui.output import PlainOutput
 
     master, slave = pty.openpty()
     try:
@@ -395,7 +395,7 @@ def test_plain_output_on_a_terminal_and_a_file(tmp_path: Path) -> None:
 def test_rich_output_gives_rich_no_raw_control() -> None:
     from rich.console import Console
 
-    from wizardchat.tui.repl import RichOutput
+    from wizardchat.tui.output import RichOutput
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=80, highlight=False)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from wizardchat.chat.conversation import MIN_REPLY_TOKENS, user_segment
 from wizardchat.chat.recording import Recording, free_name
-from wizardchat.chat.session import ChatSession, TurnResult
+from wizardchat.chat.reply import Reply, TurnResult
+from wizardchat.chat.session import ChatSession
 from wizardchat.errors import ContextError, UsageError
 from wizardchat.inputs import check_fits, repair_text
 from wizardchat.safe_text import json_safe, stream_plain
@@ -19,9 +20,8 @@ from wizardchat.signals import Termination
 
 @dataclass
 class BatchResult:
-    """How a batch went: answered turns and lines that were refused."""
+    """How a batch went: how many lines were refused, and whether a signal ended it."""
 
-    answered: int = 0
     failed: int = 0
     terminated: int = 0  # the exit status a SIGTERM/SIGHUP mid-reply asks for (0: none)
 
@@ -56,39 +56,41 @@ class Batch:
             )
             self.error(f"new conversation, saved as '{name}' ('{old}' keeps the previous one)")
 
-    def answer(self, text: str) -> Iterator[str]:
-        """Stream the reply to `text`; the turn is saved however the reply ends."""
-        chunks = self.session.send(text)
+    def answer(self, text: str, show: Callable[[Reply], object]) -> Reply:
+        """The reply to `text`, done: `show` reads it as it streams; the turn is saved however
+        the reply ends. A cut or empty reply gets its mark on stderr (the replies stay exact)."""
+        reply = self.session.send(text)
         replying = self.termination.replying() if self.termination else contextlib.nullcontext()
         with replying:
             try:
-                yield from chunks
+                show(reply)
             finally:
-                chunks.close()  # records the turn now, even if writing the reply failed
+                reply.close()  # records the turn now, even if writing the reply failed
                 if self.recording is not None:
                     self.recording.save(self.session.conversation)
         if self.termination is not None and self.termination.received:
             self.result.terminated = self.termination.exit_code
-        last = self.session.last
-        if last is not None and last.finish != "interrupted":  # a signal's end needs no mark
-            mark = last.end_mark()  # a cut or empty reply: on stderr, the replies stay exact
+        last = reply.result
+        if last.finish != "interrupted":  # a signal's end needs no mark
+            mark = last.end_mark()
             if mark:
                 self.error(mark)
+        return reply
 
 
-def answer_record(reply: str, model: str, last: TurnResult) -> dict[str, Any]:
+def answer_record(reply: TurnResult, model: str) -> dict[str, Any]:
     """One answer as JSON, the same fields for `ask --json` and each `run --jsonl` line.
 
     No total time: it is `timings.prompt_seconds + timings.decode_seconds`.
     """
     return {
-        "reply": reply,
+        "reply": reply.reply,
         "model": model,
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "evaluated_tokens": last.evaluated_tokens,
-        "finish": last.finish,
-        "timings": last.timings,
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "evaluated_tokens": reply.evaluated_tokens,
+        "finish": reply.finish,
+        "timings": reply.timings,
     }
 
 
@@ -141,10 +143,9 @@ def run_lines(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
             elif line.startswith("/"):
                 _slash_command(batch, line)
                 continue
-            reply = stream_plain(batch.answer(line), out)
-            out.write("\n\n" if not reply.endswith("\n") else "\n")
+            text = batch.answer(line, lambda reply: stream_plain(reply, out)).text()
+            out.write("\n\n" if not text.endswith("\n") else "\n")
             out.flush()
-            result.answered += 1
         except (UsageError, ContextError) as e:
             batch.error(f"line {number}: {e}")
             result.failed += 1
@@ -191,14 +192,11 @@ def run_jsonl(batch: Batch, lines: Iterable[str], out: TextIO) -> BatchResult:
                 batch.reset(system=record["system"])
             elif record.get("reset"):
                 batch.reset()
-            reply = "".join(batch.answer(record["prompt"]))
-            last = session.last
-            assert last is not None
+            reply = batch.answer(record["prompt"], Reply.text)
             answer: dict[str, Any] = {
                 "prompt": record["prompt"],
-                **answer_record(reply, session.engine.model_name, last),
+                **answer_record(reply.result, session.engine.model_name),
             }
-            result.answered += 1
         except (UsageError, ContextError) as e:
             error(f"line {number}: {e}")
             answer = {"line": number, "error": str(e)}

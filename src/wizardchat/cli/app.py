@@ -464,29 +464,28 @@ def ask(
         session.progress = _prompt_progress()
 
         check_fits(text, engine.n_ctx, "input too long for the context")
+        reply = session.send(text)
         if json_output:
-            reply = "".join(session.send(text))
-            last = session.last
-            assert last is not None
             from wizardchat.chat.batch import answer_record
             from wizardchat.safe_text import json_safe
 
-            record = answer_record(reply, engine.model_name, last)
+            reply.text()
+            record = answer_record(reply.result, engine.model_name)
             out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
         elif _plain_output_wanted(plain):  # a pipe or file gets the reply byte for byte
             from wizardchat.safe_text import stream_plain
 
-            reply = stream_plain(session.send(text), out)
+            stream_plain(reply, out)
             out.write("\n")
         else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
             from rich.console import Console
 
             from wizardchat.tui.markdown_stream import stream_markdown
 
-            reply = stream_markdown(session.send(text), Console(highlight=False))
+            stream_markdown(reply, Console(highlight=False))
         out.flush()
-        if session.last is not None and session.last.end_mark():
-            _err(session.last.end_mark())  # never a silent cut or a silent empty reply
+        if reply.result.end_mark():
+            _err(reply.result.end_mark())  # never a silent cut or a silent empty reply
 
 
 RUN_EXAMPLES = r"""
@@ -682,8 +681,9 @@ def _repl(
 ) -> Repl:
     from wizardchat import paths
     from wizardchat.tui import commands
+    from wizardchat.tui.output import Output, PlainOutput, RichOutput
     from wizardchat.tui.reader import make_reader
-    from wizardchat.tui.repl import Output, PlainOutput, Repl, RichOutput
+    from wizardchat.tui.repl import Repl
 
     out: Output
     if _plain_output_wanted(plain):
@@ -699,6 +699,7 @@ def _repl(
         session_names=store.names,  # file names only: completion never parses a file
         setting_names=commands.PARAMS,
         warn=_err,
+        debug=_state.debug,
     )
     session.notify = out.note
     session.progress = _prompt_progress()
@@ -746,7 +747,7 @@ def pull(
         pull_quant,
         quant_table,
     )
-    from wizardchat.tui.repl import PlainOutput
+    from wizardchat.tui.output import PlainOutput
 
     configured = load_settings({}).model
     parsed = parse_ref(ref or default_ref(configured), reference_only=True)
@@ -777,7 +778,7 @@ def models(
     """List downloaded models: reference, size, status."""
     from wizardchat.hub import cache as hubcache
     from wizardchat.hub.catalog import human_size
-    from wizardchat.tui.repl import PlainOutput
+    from wizardchat.tui.output import PlainOutput
 
     found = hubcache.local_models()
     if not found:
@@ -972,7 +973,7 @@ def bench(
             data["llama_bench"] = against
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
-        from wizardchat.tui.repl import PlainOutput
+        from wizardchat.tui.output import PlainOutput
 
         PlainOutput(sys.stdout, sys.stderr).rows(bench_module.format_table(result, against))
 
@@ -1059,7 +1060,7 @@ def sessions(ctx: typer.Context) -> None:
     from wizardchat import paths
     from wizardchat.chat.store import SessionStore
     from wizardchat.tui.commands import show_sessions
-    from wizardchat.tui.repl import PlainOutput
+    from wizardchat.tui.output import PlainOutput
 
     found = SessionStore(paths.sessions_dir()).list()
     if not show_sessions(PlainOutput(sys.stdout, sys.stderr), found):

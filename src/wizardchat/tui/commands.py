@@ -1,24 +1,27 @@
-"""The REPL's slash commands as a table: name, aliases, usage, help, handler. /help reads it."""
+"""The REPL's slash commands as a table: name, aliases, usage, help, handler. /help reads it.
+
+A handler sees the chat only through `ChatContext`: what a command may read (the conversation,
+the settings, the last reply's figures, the saved sessions) and do (send, undo, start over,
+save, load, change a setting, write output). The REPL implements it.
+"""
 
 from __future__ import annotations
 
 import difflib
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wizardchat.errors import WizardchatError
 from wizardchat.settings import RANGES
+from wizardchat.tui.editor import compose_in_editor
 
 if TYPE_CHECKING:
+    from wizardchat.chat.conversation import Turn
+    from wizardchat.chat.reply import TurnResult
     from wizardchat.chat.store import SessionSummary
-    from wizardchat.tui.repl import Output, Repl
+    from wizardchat.tui.output import Output
 
 
 class CommandError(WizardchatError):
@@ -29,7 +32,77 @@ class LeaveRepl(Exception):
     """Raised by /exit to end the REPL."""
 
 
-Handler = Callable[["Repl", str], None]
+class ConversationView(Protocol):
+    """The conversation as a command may read it (never change it)."""
+
+    @property
+    def system(self) -> str: ...
+
+    @property
+    def turns(self) -> Sequence[Turn]: ...
+
+    @property
+    def evicted(self) -> int: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    def window(self) -> Sequence[Turn]: ...
+
+    def tokens(self) -> Sequence[int]: ...
+
+    def text(self) -> str: ...
+
+
+class ChatContext(Protocol):
+    """What a slash command may read and do in a chat."""
+
+    @property
+    def out(self) -> Output: ...
+
+    @property
+    def name(self) -> str:
+        """The conversation's session name (an automatic one is picked when first asked)."""
+        ...
+
+    @property
+    def conversation(self) -> ConversationView: ...
+
+    @property
+    def last_result(self) -> TurnResult | None:
+        """The figures of the last reply in this chat (None before the first)."""
+        ...
+
+    def setting(self, name: str) -> Any:
+        """The value of a `/set` setting (PARAMS)."""
+        ...
+
+    def change_setting(self, name: str, value: Any) -> None: ...
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The loaded model and how it runs, as (label, value) rows for /show."""
+        ...
+
+    def saved_sessions(self) -> list[SessionSummary]: ...
+
+    def reply_to(self, message: str) -> None:
+        """Send `message` and show the reply, as if it had been typed."""
+        ...
+
+    def drop_last(self) -> Turn | None:
+        """Remove the last exchange from the conversation (None when there is none)."""
+        ...
+
+    def new_conversation(self, system: str | None = None) -> None: ...
+
+    def autosave(self, force: bool = False) -> Path | None: ...
+
+    def save_as(self, name: str) -> Path | None: ...
+
+    def open_session(self, name: str) -> None: ...
+
+
+Handler = Callable[[ChatContext, str], None]
 
 
 @dataclass(frozen=True)
@@ -49,13 +122,11 @@ class Command:
 
 @dataclass(frozen=True)
 class Param:
-    """A setting `/set` changes: its parser (which explains bad values) and where it lives."""
+    """A setting `/set` changes, with its parser (which explains bad values)."""
 
     name: str
     help: str
     parse: Callable[[str], Any]
-    get: Callable[[Repl], Any]
-    put: Callable[[Repl, Any], None]
 
 
 def _number(kind: type[int] | type[float], name: str) -> Any:
@@ -75,67 +146,26 @@ def _number(kind: type[int] | type[float], name: str) -> Any:
     return parse
 
 
-def _sampling(name: str) -> tuple[Callable[[Repl], Any], Callable[[Repl, Any], None]]:
-    def get(repl: Repl) -> Any:
-        return getattr(repl.engine.sampling, name)
-
-    def put(repl: Repl, value: Any) -> None:
-        repl.engine.set_sampling(**{name: value})
-
-    return get, put
-
-
-def _put_max_tokens(repl: Repl, value: Any) -> None:
-    repl.session.max_tokens = value
-
-
 PARAMS = {
     p.name: p
     for p in (
-        Param(
-            "temperature",
-            "0 = greedy; higher is more random",
-            _number(float, "temperature"),
-            *_sampling("temperature"),
-        ),
-        Param(
-            "top_p",
-            "nucleus sampling; 1 disables",
-            _number(float, "top_p"),
-            *_sampling("top_p"),
-        ),
-        Param(
-            "top_k",
-            "sample from the K likeliest; 0 disables",
-            _number(int, "top_k"),
-            *_sampling("top_k"),
-        ),
+        Param("temperature", "0 = greedy; higher is more random", _number(float, "temperature")),
+        Param("top_p", "nucleus sampling; 1 disables", _number(float, "top_p")),
+        Param("top_k", "sample from the K likeliest; 0 disables", _number(int, "top_k")),
         Param(
             "min_p",
             "drop tokens below this share of the likeliest; 0 disables",
             _number(float, "min_p"),
-            *_sampling("min_p"),
         ),
         Param(
             "repeat_penalty",
             "penalise repeated tokens; 1 disables",
             _number(float, "repeat_penalty"),
-            *_sampling("repeat_penalty"),
         ),
         Param(
-            "max_tokens",
-            "longest reply; -1 = until the model stops",
-            _number(int, "max_tokens"),
-            lambda repl: repl.session.max_tokens,
-            _put_max_tokens,
+            "max_tokens", "longest reply; -1 = until the model stops", _number(int, "max_tokens")
         ),
-        Param(
-            "seed",
-            "sampler seed; -1 = random each reply",
-            _number(int, "seed"),
-            lambda repl: repl.engine.seed,
-            lambda repl, v: repl.engine.set_seed(v),
-        ),
+        Param("seed", "sampler seed; -1 = random each reply", _number(int, "seed")),
     )
 }
 
@@ -143,7 +173,7 @@ PARAMS = {
 # --- handlers ---------------------------------------------------------------------------------
 
 
-def _help(repl: Repl, arg: str) -> None:
+def _help(ctx: ChatContext, arg: str) -> None:
     width = max(len(f"/{c.name} {c.usage}".strip()) for c in COMMANDS)
     lines = []
     for c in COMMANDS:
@@ -156,63 +186,63 @@ def _help(repl: Repl, arg: str) -> None:
         "  Ctrl-C stops a reply or clears the line; Ctrl-D (or Ctrl-C twice) exits.",
         "  Start a message with // to send text that begins with /.",
     ]
-    repl.out.text("\n".join(lines))
+    ctx.out.text("\n".join(lines))
 
 
-def _exit(repl: Repl, arg: str) -> None:
+def _exit(ctx: ChatContext, arg: str) -> None:
     raise LeaveRepl
 
 
-def _clear(repl: Repl, arg: str) -> None:
-    previous = repl.name if repl.session.conversation.turns else None
-    repl.new_conversation()
+def _clear(ctx: ChatContext, arg: str) -> None:
+    previous = ctx.name if ctx.conversation.turns else None
+    ctx.new_conversation()
     saved = f" (the previous one is saved as '{previous}')" if previous else ""
-    repl.out.note(f"new conversation{saved}")
+    ctx.out.note(f"new conversation{saved}")
 
 
-def _system(repl: Repl, arg: str) -> None:
+def _system(ctx: ChatContext, arg: str) -> None:
     if not arg:
-        repl.out.text(repl.session.conversation.system or "(no system prompt)")
+        ctx.out.text(ctx.conversation.system or "(no system prompt)")
         return
-    previous = repl.name if repl.session.conversation.turns else None
-    repl.new_conversation(system=arg)
+    previous = ctx.name if ctx.conversation.turns else None
+    ctx.new_conversation(system=arg)
     saved = f"; the previous one is saved as '{previous}'" if previous else ""
-    repl.out.note(f"system prompt set; new conversation{saved}")
+    ctx.out.note(f"system prompt set; new conversation{saved}")
 
 
-def _regen(repl: Repl, arg: str) -> None:
-    turn = repl.session.drop_last()
+def _regen(ctx: ChatContext, arg: str) -> None:
+    turn = ctx.drop_last()
     if turn is None:
         raise CommandError("nothing to regenerate yet")
-    repl.reply_to(turn.user)
+    ctx.reply_to(turn.user)
 
 
-def _undo(repl: Repl, arg: str) -> None:
-    turn = repl.session.drop_last()
+def _undo(ctx: ChatContext, arg: str) -> None:
+    turn = ctx.drop_last()
     if turn is None:
         raise CommandError("nothing to undo")
-    repl.autosave()
+    ctx.autosave()
     preview = turn.user if len(turn.user) <= 50 else turn.user[:47] + "..."
-    repl.out.note(f"removed the last exchange ({preview!r})")
+    ctx.out.note(f"removed the last exchange ({preview!r})")
 
 
-def _save(repl: Repl, arg: str) -> None:
-    path = repl.save_as(arg) if arg else repl.autosave(force=True)
-    repl.out.note(f"saved as '{repl.name}' ({path})")
+def _save(ctx: ChatContext, arg: str) -> None:
+    path = ctx.save_as(arg) if arg else ctx.autosave(force=True)
+    ctx.out.note(f"saved as '{ctx.name}' ({path})")
 
 
-def _load(repl: Repl, arg: str) -> None:
+def _load(ctx: ChatContext, arg: str) -> None:
     if not arg:
         raise CommandError("which session? /load NAME (/sessions lists them)")
-    repl.open_session(arg)
+    ctx.open_session(arg)
 
 
-def _sessions(repl: Repl, arg: str) -> None:
-    if not show_sessions(repl.out, repl.store.list()):
-        repl.out.note("no saved conversations yet")
+def _sessions(ctx: ChatContext, arg: str) -> None:
+    if not show_sessions(ctx.out, ctx.saved_sessions()):
+        ctx.out.note("no saved conversations yet")
 
 
-def _read(repl: Repl, arg: str) -> None:
+def _read(ctx: ChatContext, arg: str) -> None:
     if not arg:
         raise CommandError("which file? /read FILE")
     from wizardchat.inputs import (
@@ -226,7 +256,7 @@ def _read(repl: Repl, arg: str) -> None:
     problem = regular_file_problem(path)  # before open(): a FIFO would block, /dev/zero not end
     if problem:
         raise CommandError(f"cannot read {path}: {problem}")
-    n_ctx = repl.session.conversation.n_ctx
+    n_ctx = ctx.conversation.n_ctx
     try:
         with path.open("rb") as f:
             data = read_limited(f, n_ctx * MAX_BYTES_PER_TOKEN)
@@ -239,14 +269,17 @@ def _read(repl: Repl, arg: str) -> None:
     if b"\0" in data[:8192]:
         raise CommandError(f"{path} looks like a binary file, not text")
     text = data.decode("utf-8", errors="replace").rstrip()
-    repl.reply_to(f"--- File: {path.name} ---\n{text}\n--- End of {path.name} ---")
+    ctx.reply_to(f"--- File: {path.name} ---\n{text}\n--- End of {path.name} ---")
 
 
-def _set(repl: Repl, arg: str) -> None:
+def _set(ctx: ChatContext, arg: str) -> None:
     if not arg:
         width = max(map(len, PARAMS))
-        repl.out.text(
-            "\n".join(f"  {p.name:<{width}}  {p.get(repl)!s:<8}  {p.help}" for p in PARAMS.values())
+        ctx.out.text(
+            "\n".join(
+                f"  {p.name:<{width}}  {ctx.setting(p.name)!s:<8}  {p.help}"
+                for p in PARAMS.values()
+            )
         )
         return
     key, _, value = arg.partition(" ")
@@ -259,29 +292,29 @@ def _set(repl: Repl, arg: str) -> None:
         parsed = param.parse(value.strip())
     except CommandError as e:
         raise CommandError(f"/set {param.name}: {e}") from None
-    param.put(repl, parsed)
-    repl.out.note(f"{param.name} = {parsed}")
+    ctx.change_setting(param.name, parsed)
+    ctx.out.note(f"{param.name} = {parsed}")
 
 
-def _show(repl: Repl, arg: str) -> None:
-    conv = repl.session.conversation
+def _show(ctx: ChatContext, arg: str) -> None:
+    conv = ctx.conversation
     rows = [
-        *repl.engine.describe(),
+        *ctx.describe(),
         (
             "session",
-            f"{repl.name} ({len(conv.turns)} turn{'' if len(conv.turns) == 1 else 's'}, "
+            f"{ctx.name} ({len(conv.turns)} turn{'' if len(conv.turns) == 1 else 's'}, "
             f"{len(conv.window())} in the model's context, {len(conv.tokens())} tokens)",
         ),
     ]
-    repl.out.rows(rows)
+    ctx.out.rows(rows)
 
 
-def _stats(repl: Repl, arg: str) -> None:
-    last = repl.session.last
+def _stats(ctx: ChatContext, arg: str) -> None:
+    last = ctx.last_result
     if last is None:
         raise CommandError("no reply yet")
     t = last.timings
-    repl.out.rows(
+    ctx.out.rows(
         [
             ("prompt tokens", f"{last.prompt_tokens} ({last.evaluated_tokens} evaluated)"),
             ("prompt speed", f"{t.get('prompt_tokens_per_second', 0.0):.1f} tok/s"),
@@ -293,25 +326,25 @@ def _stats(repl: Repl, arg: str) -> None:
     )
 
 
-def _prompt(repl: Repl, arg: str) -> None:
-    conv = repl.session.conversation
+def _prompt(ctx: ChatContext, arg: str) -> None:
+    conv = ctx.conversation
     if conv.evicted:
-        repl.out.note(
+        ctx.out.note(
             f"the model no longer sees the {conv.evicted} oldest of {len(conv.turns)} turns "
             "(they stay in the saved conversation); what it sees:"
         )
-    repl.out.text(
+    ctx.out.text(
         f"--- prompt: {len(conv.tokens())} tokens ---\n{conv.text()}\n--- end of prompt ---"
     )
 
 
-def _edit(repl: Repl, arg: str) -> None:
+def _edit(ctx: ChatContext, arg: str) -> None:
     text = compose_in_editor(arg)
     if not text.strip():
-        repl.out.note("empty message: nothing sent")
+        ctx.out.note("empty message: nothing sent")
         return
-    repl.out.message(text.strip())  # in the scrollback, as a typed message is
-    repl.reply_to(text.strip())
+    ctx.out.message(text.strip())  # in the scrollback, as a typed message is
+    ctx.reply_to(text.strip())
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -382,35 +415,3 @@ def show_sessions(out: Output, found: list[SessionSummary]) -> bool:
     else:
         out.rows([("NAME", "TURNS", "LAST USED"), *(row[:3] for row in rows)], header=True)
     return True
-
-
-def editor_command() -> list[str]:
-    """$VISUAL or $EDITOR, else the first common editor found."""
-    for var in ("VISUAL", "EDITOR"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            return shlex.split(value)
-    for name in ("editor", "nano", "vim", "vi"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    raise CommandError("no editor found: set $EDITOR (e.g. export EDITOR=nano)")
-
-
-def compose_in_editor(initial: str = "") -> str:
-    """Open the user's editor on a temporary file and return what they saved."""
-    command = editor_command()
-    fd, name = tempfile.mkstemp(prefix="wizardchat-", suffix=".md")
-    path = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(initial)
-        try:
-            code = subprocess.call([*command, str(path)])
-        except OSError as e:
-            raise CommandError(f"cannot start the editor {command[0]!r}: {e.strerror}") from None
-        if code != 0:
-            raise CommandError(f"the editor exited with status {code}: nothing sent")
-        return path.read_text(encoding="utf-8", errors="replace")
-    finally:
-        path.unlink(missing_ok=True)

@@ -175,7 +175,6 @@ class MarkdownStream:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.console = console
-        self.code_theme = code_theme
         self.interval = 1.0 / max_refresh_hz
         self.clock = clock
         self.refreshes = 0  # redraws of the live region (tests and benchmarks read it)

@@ -56,8 +56,18 @@ def as_typed(message: str) -> str:
 class LineReader(Protocol):
     """Where the REPL gets messages from."""
 
+    # The terminal edits the lines (plain input), so its line editing stays on while a reply
+    # streams: a Ctrl-D typed ahead is still end-of-input.
+    line_mode: bool
+    # Ctrl-C cleared a line with text during the last `read`: not a step toward exiting.
+    cleared_a_line: bool
+
     def read(self, status: str) -> str:
         """One message (a \"\"\" block already unwrapped); `status` is the toolbar text."""
+        ...
+
+    def stop(self, reason: BaseException) -> None:
+        """End the `read` in progress by raising `reason` from it (a signal's way out)."""
         ...
 
 
@@ -65,10 +75,15 @@ class PlainReader:
     """Line input for dumb terminals and redirected output: no escape codes at all."""
 
     line_mode = True  # the terminal edits the lines (Ctrl-D, backspace), not this program
+    cleared_a_line = False  # the terminal drops the line on Ctrl-C: each one counts to exit
 
     def __init__(self, stdin: TextIO, prompt_out: TextIO) -> None:
         self.stdin = stdin
         self.prompt_out = prompt_out
+
+    def stop(self, reason: BaseException) -> None:
+        """Raise `reason`: from the signal handler, it ends the `readline` in progress."""
+        raise reason
 
     def _line(self, prompt: str) -> str:
         self.prompt_out.write(prompt)
@@ -107,6 +122,8 @@ class PlainReader:
 class ToolkitReader:
     """prompt-toolkit input: history file, completion, multi-line, $EDITOR, toolbar."""
 
+    line_mode = False  # prompt-toolkit edits the line: the terminal is raw meanwhile
+
     def __init__(
         self,
         history_path: Path,
@@ -122,7 +139,6 @@ class ToolkitReader:
         self._warn = warn
         self._warned = False
         self._status = ""
-        # Ctrl-C cleared a line with text during the last `read`: not a step toward exiting.
         self.cleared_a_line = False
         self.session: PromptSession[str] = PromptSession(
             history=self._history,
@@ -328,14 +344,25 @@ def make_reader(
     session_names: Callable[[], list[str]],
     setting_names: Iterable[str],
     warn: Callable[[str], None] = lambda text: None,
+    debug: bool = False,
 ) -> LineReader:
-    """The best reader this terminal supports; `warn` gets a one-line warning (history)."""
+    """The best reader this terminal supports; `warn` gets a one-line warning (history).
+
+    A terminal prompt-toolkit cannot drive (it fails with OSError or ValueError) gets plain line
+    input; `debug` says why, with the traceback. Any other error is a bug and propagates.
+    """
     if terminal_can_edit(sys.stdin, sys.stdout):
         try:
             return ToolkitReader(
                 history_path, command_names, argument_kinds, session_names, setting_names, warn
             )
-        except Exception:  # an odd terminal prompt-toolkit cannot drive: fall back, not fail
-            pass
+        except (OSError, ValueError):
+            if debug:
+                import traceback
+
+                warn(
+                    "wizardchat: debug: no line editing on this terminal:\n"
+                    + traceback.format_exc()
+                )
     prompt_out = sys.stdout if sys.stdout.isatty() else sys.stderr
     return PlainReader(sys.stdin, prompt_out)

@@ -13,13 +13,12 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from wizardchat.chat.recording import continue_command, saved_session
-from wizardchat.chat.session import ChatSession, TurnResult
 from wizardchat.chat.store import (
     SavedSession,
     SessionChanged,
@@ -29,13 +28,16 @@ from wizardchat.chat.store import (
     check_name,
 )
 from wizardchat.errors import WizardchatError
-from wizardchat.safe_text import is_terminal, terminal_safe
 from wizardchat.signals import Termination, undo_on_fatal_exit
 from wizardchat.tui import commands
-from wizardchat.tui.reader import PROMPT, LineReader, as_typed
+from wizardchat.tui.output import Output, plural, stats_line
+from wizardchat.tui.reader import LineReader
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from wizardchat.chat.conversation import Conversation, Turn
+    from wizardchat.chat.reply import TurnResult
+    from wizardchat.chat.session import ChatSession
+    from wizardchat.chat.store import SessionSummary
 
 # How many past exchanges a resumed conversation shows.
 SHOWN_ON_RESUME = 10
@@ -56,157 +58,6 @@ class ReplEngine(Protocol):
     def set_seed(self, seed: int) -> None: ...
 
     def describe(self) -> list[tuple[str, str]]: ...
-
-
-class Output(Protocol):
-    """Where the REPL writes: replies, notes, errors, tables."""
-
-    def reply(self, chunks: Iterator[str]) -> str: ...
-
-    def note(self, text: str) -> None: ...
-
-    def error(self, text: str) -> None: ...
-
-    def text(self, text: str) -> None: ...
-
-    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None: ...
-
-    def past_turn(self, user: str, reply: str) -> None: ...
-
-    def message(self, text: str) -> None: ...
-
-
-def _table_lines(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
-class PlainOutput:
-    """Plain text: replies and command output on stdout, notes and errors on stderr.
-
-    Everything written may hold untrusted text (replies, past turns, names, paths), so control
-    characters are made visible (safe_text): on stderr always, on stdout when it is a terminal.
-    """
-
-    def __init__(self, out: TextIO, err: TextIO) -> None:
-        self.out, self.err = out, err
-        self._safe_out = is_terminal(out)
-
-    def _out_text(self, text: str) -> str:
-        return terminal_safe(text) if self._safe_out else text
-
-    def reply(self, chunks: Iterator[str]) -> str:
-        from wizardchat.safe_text import stream_plain
-
-        try:
-            text = stream_plain(chunks, self.out, safe=self._safe_out)
-        finally:
-            self.out.write("\n")
-            self.out.flush()
-        return text
-
-    def note(self, text: str) -> None:
-        self.err.write(terminal_safe(text) + "\n")
-        self.err.flush()
-
-    def error(self, text: str) -> None:
-        self.note(f"error: {text}")
-
-    def text(self, text: str) -> None:
-        self.out.write(self._out_text(text) + "\n")
-        self.out.flush()
-
-    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
-        self.text("\n".join(_table_lines(rows)))  # a header row is upper case, as in `models`
-
-    def past_turn(self, user: str, reply: str) -> None:
-        self.text(f"{PROMPT}{user}\n{reply}\n")
-
-    def message(self, text: str) -> None:
-        """Show a sent message the terminal did not echo, where the prompt is (stdout on a
-        terminal, else stderr: a transcript file gets the replies alone)."""
-        where = self.out if self._safe_out else self.err
-        where.write(terminal_safe(as_typed(text)) + "\n")
-        where.flush()
-
-
-class RichOutput:
-    """Markdown replies streamed with rich; dim notes; errors in red on stderr.
-
-    All text is made terminal-safe (safe_text) before rich sees it: rich's `Text` drops a few
-    controls (BEL, CR...) but passes ESC through, and only rich's own styling may emit escapes.
-    """
-
-    def __init__(self, console: Console, err_console: Console) -> None:
-        self.console, self.err_console = console, err_console
-
-    def reply(self, chunks: Iterator[str]) -> str:
-        from wizardchat.tui.markdown_stream import stream_markdown
-
-        return stream_markdown(chunks, self.console)  # it makes the text safe itself
-
-    def note(self, text: str) -> None:
-        from rich.text import Text
-
-        self.console.print(Text(terminal_safe(text), style="dim"))
-
-    def error(self, text: str) -> None:
-        from rich.text import Text
-
-        self.err_console.print(Text(f"error: {terminal_safe(text)}", style="red"))
-
-    def text(self, text: str) -> None:
-        from rich.text import Text
-
-        # exact text: the terminal wraps it
-        self.console.print(Text(terminal_safe(text)), soft_wrap=True)
-
-    def rows(self, rows: Sequence[tuple[str, ...]], header: bool = False) -> None:
-        from rich.table import Table
-
-        table = Table(box=None, show_header=header, header_style="bold", pad_edge=False)
-        for i, title in enumerate(rows[0]):
-            table.add_column(title if header else "", style="bold" if i == 0 and not header else "")
-        for row in rows[1:] if header else rows:
-            table.add_row(*(terminal_safe(cell) for cell in row))
-        self.console.print(table)
-
-    def past_turn(self, user: str, reply: str) -> None:
-        from rich.markdown import Markdown
-        from rich.text import Text
-
-        self.console.print(Text(PROMPT + terminal_safe(user), style="bold"))
-        # Line endings as the streamed reply has them (markdown_stream), the rest made visible.
-        reply = reply.replace("\r\n", "\n").replace("\r", "\n")
-        self.console.print(Markdown(terminal_safe(reply)))
-        self.console.print()
-
-    def message(self, text: str) -> None:
-        """Show a sent message the terminal did not echo, as a typed one looks."""
-        from rich.text import Text
-
-        self.console.print(Text(terminal_safe(as_typed(text))), soft_wrap=True)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def stats_line(last: TurnResult) -> str:
-    """The dim line after a reply: tokens, speed, time to first token; or, when no token came,
-    what happened instead (a "0.0 tok/s" would say nothing)."""
-    t = last.timings
-    tokens = last.completion_tokens
-    if tokens == 0 and last.finish == "interrupted":
-        return (
-            f"interrupted before the first token · {last.seconds:.2f} s into a "
-            f"{last.prompt_tokens:,}-token prompt"
-        )
-    if tokens == 0:
-        return f"0 tokens · end of turn after {t.get('prompt_seconds', 0.0):.2f} s"
-    # One token has no speed: the rate is measured from the first token to the last.
-    speed = f" · {t.get('decode_tokens_per_second', 0.0):.1f} tok/s" if tokens > 1 else ""
-    return f"{_plural(tokens, 'token')}{speed} · first token {t.get('prompt_seconds', 0.0):.2f} s"
 
 
 @contextlib.contextmanager
@@ -240,11 +91,14 @@ def keyboard_echo_off(stream: TextIO, line_mode: bool = False) -> Iterator[None]
     """
     try:
         import termios
-
+    except ImportError:
+        yield  # not POSIX: no terminal modes to change
+        return
+    try:
         fd = stream.fileno()
         saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
-        yield  # not a terminal (or not POSIX): nothing to silence
+    except (OSError, ValueError, termios.error):
+        yield  # not a terminal, or closed: nothing to silence
         return
     quiet = list(saved)
     if not line_mode:
@@ -298,7 +152,8 @@ class Repl:
         self._auto_named = False  # the name is a chat-... one wizardchat picked
         self._claim: SessionClaim | None = None  # this process's hold on the name
         self.created = time.time()
-        self.termination = Termination(session.cancel, idle=getattr(reader, "stop", None))
+        self.termination = Termination(session.cancel, idle=reader.stop)
+        self.last_result: TurnResult | None = None  # the last reply's figures, for /stats
         self.terminated_by = 0  # exit status after a SIGTERM/SIGHUP ended the chat mid-reply
 
     # --- the conversation and its file ---------------------------------------------------
@@ -401,7 +256,7 @@ class Repl:
         turns = saved.turns
         skipped = max(0, len(turns) - SHOWN_ON_RESUME)
         self.out.note(
-            f"continuing '{saved.name}': {_plural(len(turns), 'turn')}"
+            f"continuing '{saved.name}': {plural(len(turns), 'turn')}"
             + (f" ({skipped} earlier not shown)" if skipped else "")
         )
         if saved.model_ref and self.model_ref and saved.model_ref != self.model_ref:
@@ -414,6 +269,42 @@ class Repl:
             self.out.note(f"(it was held with {saved.model})")
         for t in turns[skipped:]:
             self.out.past_turn(t.user, t.reply + (" [interrupted]" if t.interrupted else ""))
+
+    # --- what a slash command may read and do (commands.ChatContext) ---------------------
+
+    @property
+    def conversation(self) -> Conversation:
+        """The conversation (commands read it; only the session changes it)."""
+        return self.session.conversation
+
+    def setting(self, name: str) -> Any:
+        """The value of the /set setting `name`: the reply limit, the seed, or a sampler's."""
+        if name == "max_tokens":
+            return self.session.max_tokens
+        if name == "seed":
+            return self.engine.seed
+        return getattr(self.engine.sampling, name)
+
+    def change_setting(self, name: str, value: Any) -> None:
+        """Set the /set setting `name` (its value already checked) for the next replies."""
+        if name == "max_tokens":
+            self.session.max_tokens = value
+        elif name == "seed":
+            self.engine.set_seed(value)
+        else:
+            self.engine.set_sampling(**{name: value})
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The loaded model and how it runs, as rows for /show."""
+        return self.engine.describe()
+
+    def saved_sessions(self) -> list[SessionSummary]:
+        """The saved conversations, newest first, for /sessions."""
+        return self.store.list()
+
+    def drop_last(self) -> Turn | None:
+        """Remove the last exchange (/undo, /regen) and return it; None when there is none."""
+        return self.session.drop_last()
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -447,7 +338,7 @@ class Repl:
             except EOFError:
                 break
             except KeyboardInterrupt:
-                if getattr(self.reader, "cleared_a_line", False):
+                if self.reader.cleared_a_line:
                     armed = False  # a Ctrl-C that cleared text was no step toward exiting
                 if armed:
                     break
@@ -484,30 +375,28 @@ class Repl:
 
     def reply_to(self, message: str) -> None:
         """Send a message, stream the reply, report, autosave."""
-        chunks: Generator[str, None, None] = self.session.send(message)
+        reply = self.session.send(message)
         term = self.termination
-        line_mode = getattr(self.reader, "line_mode", False)
         with (
-            keyboard_echo_off(self.stdin, line_mode),
+            keyboard_echo_off(self.stdin, self.reader.line_mode),
             ctrl_c_cancels(self.session.cancel),
             term.replying(),
         ):
             try:
-                self.out.reply(chunks)
+                self.out.reply(reply)
             except OSError:
                 if not term.received:
                     raise  # else the terminal went away with a hangup; the turn is saved below
             finally:
-                chunks.close()  # records the turn now, however the reply ended
+                reply.close()  # records the turn now, however the reply ended
+                self.last_result = reply.result
                 self.autosave()  # before any more output, which a closed terminal may refuse
         if term.received:  # SIGTERM or SIGHUP mid-reply: the partial reply is saved; leave
             self.terminated_by = term.exit_code
             raise commands.LeaveRepl
-        last = self.session.last
-        if last is not None:
-            mark = last.end_mark()
-            if mark:
-                self.out.note(mark)
-            if self.show_stats:
-                self.out.note(stats_line(last))
+        mark = reply.result.end_mark()
+        if mark:
+            self.out.note(mark)
+        if self.show_stats:
+            self.out.note(stats_line(reply.result))
         self.out.text("")
