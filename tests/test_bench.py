@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from wizardchat.diagnose import bench
+from wizardchat.diagnose import bench, llama_bench
 from wizardchat.diagnose.bench import BenchResult, Measurement
 from wizardchat.engine.model import LoadPlan
 from wizardchat.plan.placement import Override, expert_overrides
@@ -260,11 +260,11 @@ def _flag(argv: list[str], name: str) -> str:
 
 
 def test_run_llama_bench_passes_the_plan_and_parses_its_json(fake_llama_bench: Path) -> None:
-    binary = bench.find_llama_bench()
+    binary = llama_bench.find_llama_bench()
     assert binary is not None and Path(binary).name == "llama-bench"
     model = Path("/elsewhere/wizard-00001-of-00003.gguf")
     said: list[str] = []
-    got = bench.run_llama_bench(
+    got = llama_bench.run_llama_bench(
         binary, model, _plan(), reps=3, depth=4096, timeout=60, progress=said.append
     )
     # medians of the samples (not avg_ts), named as wizardchat names its tests
@@ -300,7 +300,7 @@ def test_run_llama_bench_passes_the_plan_and_parses_its_json(fake_llama_bench: P
 
 def test_run_llama_bench_other_plan_flags(fake_llama_bench: Path) -> None:
     plan = _plan(n_gpu_layers=10, flash_attn=False, type_k="f16", type_v="q4_0", overrides=())
-    got = bench.run_llama_bench("llama-bench", plan.path, plan, reps=1, depth=0, timeout=60)
+    got = llama_bench.run_llama_bench("llama-bench", plan.path, plan, reps=1, depth=0, timeout=60)
     assert set(got) == {"pp512", "pp2048", "tg128"}
     (argv,) = [json.loads(line) for line in fake_llama_bench.read_text().splitlines()]
     assert _flag(argv, "-ngl") == "10"
@@ -314,7 +314,7 @@ def test_run_llama_bench_failure_returns_nothing(
 ) -> None:
     monkeypatch.setenv("FAKE_FAIL", "1")
     said: list[str] = []
-    got = bench.run_llama_bench(
+    got = llama_bench.run_llama_bench(
         "llama-bench", Path("/m.gguf"), _plan(), reps=2, depth=512, progress=said.append
     )
     assert got == {}
@@ -328,7 +328,7 @@ def test_run_llama_bench_missing_binary_and_unsupported_plans(
     said: list[str] = []
     missing = str(tmp_path / "no-such-llama-bench")
     assert (
-        bench.run_llama_bench(
+        llama_bench.run_llama_bench(
             missing, Path("/m.gguf"), _plan(), reps=1, depth=0, progress=said.append
         )
         == {}
@@ -337,13 +337,17 @@ def test_run_llama_bench_missing_binary_and_unsupported_plans(
 
     plan = _plan(type_k="f32")
     assert (
-        bench.run_llama_bench("llama-bench", plan.path, plan, reps=1, depth=0, progress=said.append)
+        llama_bench.run_llama_bench(
+            "llama-bench", plan.path, plan, reps=1, depth=0, progress=said.append
+        )
         == {}
     )
     assert "no f32 K cache" in said[-1]
     plan = _plan(overrides=(Override(r"blk\.[0-9]{1,2}\.ffn_.*_exps", "CPU"),))
     assert (
-        bench.run_llama_bench("llama-bench", plan.path, plan, reps=1, depth=0, progress=said.append)
+        llama_bench.run_llama_bench(
+            "llama-bench", plan.path, plan, reps=1, depth=0, progress=said.append
+        )
         == {}
     )
     assert "-ot" in said[-1]
@@ -355,7 +359,7 @@ def test_run_llama_bench_keeps_the_tests_finished_before_the_timeout(
 ) -> None:
     monkeypatch.setenv("FAKE_HANG", "1")
     said: list[str] = []
-    got = bench.run_llama_bench(
+    got = llama_bench.run_llama_bench(
         "llama-bench", Path("/m.gguf"), _plan(), reps=1, depth=4096, timeout=2, progress=said.append
     )
     assert got == {"pp512": 1024.0 * 0.9}
@@ -368,8 +372,8 @@ def test_parse_llama_bench_jsonl_and_old_output_without_samples() -> None:
         '{"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 10.0, "samples_ts": [ 9, 12 ]}\n'
         '{"n_prompt": 0, "n_gen": 128, "n_depth": 8192, "avg_ts": 5.0, "samples_ts": [ 5 ]}\n'
     )
-    assert bench.parse_llama_bench(jsonl) == {"pp512": 10.5, "tg128 @ d8192": 5.0}
+    assert llama_bench.parse_llama_bench(jsonl) == {"pp512": 10.5, "tg128 @ d8192": 5.0}
     old = '[\n  {\n    "n_prompt": 0,\n    "n_gen": 128,\n    "avg_ts": 7.25\n  }\n]\n'
-    assert bench.parse_llama_bench(old) == {"tg128": 7.25}
+    assert llama_bench.parse_llama_bench(old) == {"tg128": 7.25}
     noise = 'error: unrecognized buffer type \'CUDA9\'\n[\n  {"n_prompt": 512, "n_gen'
-    assert bench.parse_llama_bench(noise) == {}
+    assert llama_bench.parse_llama_bench(noise) == {}

@@ -1,15 +1,12 @@
-"""Getting a model onto the machine: which quant fits, progress bars, and `--model REF`."""
+"""Getting a model onto the machine: which quant fits, what to offer, and `--model REF`."""
 
 from __future__ import annotations
 
 import functools
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
 from wizardchat.errors import Declined, HubError, NoModelError
@@ -25,13 +22,14 @@ from wizardchat.hub.catalog import (
     parse_ref,
     sort_quants,
 )
+from wizardchat.hub.progress import pull_quant
 from wizardchat.plan.fit import MIN_CTX, find_fit
 from wizardchat.plan.machine import Machine, machine_from_devices
 from wizardchat.plan.search import DEFAULT_MARGIN, RAM_RESERVE
 from wizardchat.plan.shapes import FitError, catalog_shape
 
 if TYPE_CHECKING:
-    from rich.progress import TaskID
+    pass
 
 # A quant "fits" when the fit model (plan/fit.py find_fit) places it on this machine with its
 # automatic context, which never goes below MIN_CTX (8K) tokens: experts in RAM where the GPUs
@@ -243,115 +241,6 @@ def nothing_fits(wanted: Download, machine: Machine) -> str:
     else:
         why = f"{wanted.ref} ({human_size(wanted.quant.size)}) does not fit this machine"
     return f"{why}, and {describe(machine)} hold {_room(wanted.ref, budget)}"
-
-
-class LineProgress:
-    """Progress as plain lines (stderr not a terminal): one when a file starts, one when done."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self._lock = threading.Lock()
-
-    def _say(self, text: str) -> None:
-        with self._lock:
-            self.out.write(text + "\n")
-            self.out.flush()
-
-    def start(self, path: str, total: int, done: int) -> None:
-        resumed = f", continuing from {human_size(done)}" if done else ""
-        self._say(f"downloading {path} ({human_size(total)}{resumed})")
-
-    def advance(self, path: str, n: int) -> None:
-        pass
-
-    def finish(self, path: str) -> None:
-        self._say(f"verified {path}")
-
-    def note(self, text: str) -> None:
-        self._say(text)
-
-    def __enter__(self) -> LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class BarProgress:
-    """rich progress bars on stderr: one per file and a total, with bytes, rate and ETA."""
-
-    def __init__(self, total: int, already: int) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import Progress as RichProgress
-
-        self._progress = RichProgress(
-            TextColumn("{task.description}", table_column=None),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            refresh_per_second=8,
-        )
-        self._total = self._progress.add_task("total", total=total, completed=already)
-        self._tasks: dict[str, TaskID] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> BarProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
-
-    def start(self, path: str, total: int, done: int) -> None:
-        with self._lock:
-            name = Path(path).name
-            self._tasks[path] = self._progress.add_task(name, total=total, completed=done)
-
-    def advance(self, path: str, n: int) -> None:
-        self._progress.advance(self._tasks[path], n)
-        self._progress.advance(self._total, n)
-
-    def finish(self, path: str) -> None:
-        task = self._tasks[path]
-        self._progress.update(task, description=f"{Path(path).name} ✓")
-
-    def note(self, text: str) -> None:
-        self._progress.console.print(text)
-
-
-def pull_quant(model: hub.RemoteModel, quant: Quant, err: TextIO, *, workers: int = 4) -> Path:
-    """Download a quant with progress on `err`; Ctrl-C leaves what is there for the next run."""
-    snapshot = hubcache.snapshot_dir(model.repo, model.commit)
-    already = sum(f.size for f in quant.files if (snapshot / f.path).is_file())
-    progress: LineProgress | BarProgress = (
-        BarProgress(quant.size, already) if err.isatty() else LineProgress(err)
-    )
-    cancel = threading.Event()
-    started = time.monotonic()
-    with progress:
-        try:
-            path = hub.pull(model, quant, progress, workers=workers, cancel=cancel)
-        except KeyboardInterrupt:
-            cancel.set()
-            err.write("\nwizardchat: pull interrupted; run it again to continue where it stopped\n")
-            raise
-    seconds = time.monotonic() - started
-    err.write(f"{model.repo} {quant.name}: {human_size(quant.size)} ready in {seconds:.1f} s\n")
-    return path
 
 
 Confirm = Callable[[str], bool]
