@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
@@ -151,14 +152,14 @@ sessions_app.callback(invoke_without_command=True)(_guarded(sessions.sessions))
 sessions_app.command("rm", cls=Command, epilog=sessions.RM_EXAMPLES)(_guarded(sessions.sessions_rm))
 
 
-def _invoke(argv: Sequence[str] | None, env: Environment) -> int:
+def _invoke(argv: Sequence[str], env: Environment) -> int:
     """Run the app: a usage error is one line and exit 2, `wizardchat` alone shows the help."""
     from wizardchat.cli.usage import ClickUsageError, NoArgsIsHelpError, error_line
 
     STATE.debug = False  # each run starts without --debug (tests run several in one process)
     try:
         code = app(
-            args=None if argv is None else list(argv),
+            args=list(argv),
             prog_name="wizardchat",
             standalone_mode=False,
             obj=env,
@@ -168,7 +169,7 @@ def _invoke(argv: Sequence[str] | None, env: Environment) -> int:
         env.stdout.write(e.ctx.get_help() + "\n")
         return ExitCode.OK
     except ClickUsageError as e:
-        env.say(f"wizardchat: error: {error_line(e)}")
+        env.say(f"wizardchat: error: {error_line(e, argv)}")
         return ExitCode.USAGE
     return code if isinstance(code, int) else ExitCode.OK
 
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     env = Environment.from_sys()
     try:
-        raise SystemExit(_invoke(argv, env))
+        raise SystemExit(_invoke(sys.argv[1:] if argv is None else argv, env))
     except OSError as e:  # --version or --help into a closed or full stdout
         output_failed(e)
     except SystemExit:
