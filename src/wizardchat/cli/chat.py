@@ -3,6 +3,7 @@ piped lines); their saved sessions are claimed, resumed and recorded here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -140,23 +141,22 @@ def run(
         check_name(session_name)
     interactive = env.stdin is not None and env.stdin_is_terminal and not jsonl
     store = SessionStore(paths.sessions_dir())
-    # Read the saved conversation before loading the model: a bad name or file fails fast, and
-    # its model is the one to load unless -m says otherwise.
-    saved = None
-    # A session is open in one wizardchat at a time: claim it first (exit 7 if held elsewhere).
-    if session_name:
-        store.claim(session_name)
-        saved = store.load(session_name) if store.exists(session_name) else None
-    elif resume:
-        last = store.last()
-        saved = store.load(store.claim(last).name) if last else None
-        if saved is None:
-            env.say("wizardchat: no saved conversation to resume; starting a new one")
-    if flags["model"] is None and saved is not None and saved.model_ref:
-        flags = {**flags, "model": _session_model(env, saved)}
-    settings, model_ref = wiring.settings_and_model_ref(env, flags, yes=yes, can_ask=interactive)
-    with wiring.engine(env, settings, verbose_prompt) as (engine, session):
-        if interactive:
+    with contextlib.closing(store):  # its claims end with the command, not only the process
+        # Read the saved conversation before loading the model: a bad name or file fails fast,
+        # and its model is the one to load unless -m says otherwise.
+        saved = _claim_saved(env, store, session_name, resume=resume)
+        if flags["model"] is None and saved is not None and saved.model_ref:
+            flags = {**flags, "model": _session_model(env, saved)}
+        settings, model_ref = wiring.settings_and_model_ref(
+            env, flags, yes=yes, can_ask=interactive
+        )
+        with wiring.engine(env, settings, verbose_prompt) as (engine, session):
+            if not interactive:
+                _run_batch(
+                    env, session, store, saved, session_name, jsonl=jsonl, resume=resume,
+                    model_ref=model_ref,
+                )  # fmt: skip
+                return
             repl = wiring.repl(
                 env, engine, session, store, plain=plain, show_stats=not no_stats,
                 model_ref=model_ref,
@@ -168,11 +168,23 @@ def run(
                 # after a hangup the terminal is gone: no flush errors at exit
                 quiet_broken_pipe(env.stdout)
                 raise typer.Exit(repl.terminated_by)
-            return
-        _run_batch(
-            env, session, store, saved, session_name, jsonl=jsonl, resume=resume,
-            model_ref=model_ref,
-        )  # fmt: skip
+
+
+def _claim_saved(
+    env: Environment, store: SessionStore, session_name: str | None, *, resume: bool
+) -> SavedSession | None:
+    """The saved conversation --session or --resume names, claimed (exit 7 if held elsewhere):
+    a session is open in one wizardchat at a time. None: a new conversation."""
+    if session_name:
+        store.claim(session_name)
+        return store.load(session_name) if store.exists(session_name) else None
+    if not resume:
+        return None
+    last = store.last()
+    saved = store.load(store.claim(last).name) if last else None
+    if saved is None:
+        env.say("wizardchat: no saved conversation to resume; starting a new one")
+    return saved
 
 
 def _session_model(env: Environment, saved: SavedSession) -> str:
