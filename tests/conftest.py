@@ -85,13 +85,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _in_process = True  # set per test by _cli_mode
+# Fixtures of a loopback hub (or of none): huggingface_hub reads HF_HUB_OFFLINE, HF_ENDPOINT and
+# its cache paths once, at import, so a wizardchat that talks to these hubs runs as a process.
+HUB_FIXTURES = {"hub", "sized_hub", "tiny_hub", "no_hub"}
 
 
 @pytest.fixture(autouse=True)
 def _cli_mode(request: pytest.FixtureRequest) -> Iterator[None]:
-    """run_cli runs wizardchat in this process unless the test is marked real_process."""
+    """run_cli runs wizardchat in this process unless the test is marked real_process or uses
+    a hub fixture."""
     global _in_process
-    _in_process = request.node.get_closest_marker("real_process") is None
+    spawn = request.node.get_closest_marker("real_process") or HUB_FIXTURES & set(
+        request.fixturenames
+    )
+    _in_process = not spawn
     yield
     _in_process = True
 

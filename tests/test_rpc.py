@@ -31,6 +31,9 @@ READY_TIMEOUT = 20.0  # a worker imports llama_cpp and starts listening in ~1 s
 STOP_TIMEOUT = 5.0
 
 requires_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason=rpc.REBUILD_HINT)
+# Registering RPC devices is process-wide, and a failing worker makes llama.cpp abort the process:
+# the CLI tests that reach a worker spawn wizardchat.
+real_process = pytest.mark.real_process
 
 
 def free_port() -> int:
@@ -183,6 +186,7 @@ def test_model_split_over_two_workers_generates_the_local_tokens(
     assert tokens == local["tokens"]
 
 
+@real_process
 @requires_rpc
 def test_ask_with_rpc_places_layers_on_the_workers_and_answers_as_locally(
     models: Models, workers: list[str]
@@ -202,6 +206,7 @@ def test_ask_with_rpc_places_layers_on_the_workers_and_answers_as_locally(
     assert remote.stdout == local.stdout and len(remote.stdout.strip()) > 0
 
 
+@real_process
 @requires_rpc
 def test_ask_with_an_unreachable_worker_fails_fast(models: Models) -> None:
     start = time.monotonic()
@@ -542,6 +547,7 @@ def _garbage(conn: socket.socket) -> None:
     conn.sendall(struct.pack("<Q", 2**40) + b"\xff" * 64)
 
 
+@real_process
 @requires_rpc
 @pytest.mark.parametrize("after_hello", [_close, _garbage], ids=["closes", "garbage"])
 def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
@@ -556,6 +562,7 @@ def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
     assert "ggml-rpc.cpp:" in line and "/ggml-rpc.cpp" not in line  # no build path
 
 
+@real_process
 @requires_rpc
 def test_doctor_lists_a_worker_as_rpc_not_as_a_gpu(models: Models, workers: list[str]) -> None:
     # The workers serve their CPU; llama.cpp types every RPC device GPU whatever it serves.
