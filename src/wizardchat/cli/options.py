@@ -106,8 +106,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings_options(*names: str) -> Callable[[F], F]:
-    """Add the settings options `names` after the command's own parameters; the command gets
-    their values as `flags` (a dict it may change: `run` fills in a saved session's model)."""
+    """Add the settings options `names` after the command's own parameters (typer reads the
+    new `__signature__`); the command gets their values as one mapping, its `flags` argument."""
     unknown = set(names) - set(OPTIONS)
     assert not unknown, unknown
     chosen = [name for name in OPTIONS if name in names]  # help order, whatever the call's
