@@ -128,7 +128,7 @@ def _help_record(param: Parameter) -> tuple[str, str, str] | None:
     text = getattr(param, "help", None) or ""
     notes = _notes(param)
     note = f"[{'; '.join(notes)}]" if notes else ""
-    if not note and (found := _NOTE.search(text)):  # a note written into the help (cli._o)
+    if not note and (found := _NOTE.search(text)):  # a note written into the help (options._option)
         text, note = text[: found.start()], found.group(1)
     return names, text, note
 
