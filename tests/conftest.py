@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,49 @@ class Result:
     stderr: str
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "real_process: run_cli spawns the installed wizardchat instead of running it in process "
+        "(tests of a real terminal, signals, process-wide state such as RPC devices or the "
+        "hub client's settings)",
+    )
+
+
+_in_process = True  # set per test by _cli_mode
+# Fixtures of a loopback hub (or of none): huggingface_hub reads HF_HUB_OFFLINE, HF_ENDPOINT and
+# its cache paths once, at import, so a wizardchat that talks to these hubs runs as a process.
+HUB_FIXTURES = {"hub", "sized_hub", "tiny_hub", "no_hub"}
+
+
+@pytest.fixture(autouse=True)
+def _cli_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """run_cli runs wizardchat in this process unless the test is marked real_process or uses
+    a hub fixture."""
+    global _in_process
+    spawn = request.node.get_closest_marker("real_process") or HUB_FIXTURES & set(
+        request.fixturenames
+    )
+    _in_process = not spawn
+    yield
+    _in_process = True
+
+
 def run_cli(*args: str, stdin: str | bytes | None = None, timeout: float = 120) -> Result:
-    """Run the installed `wizardchat` in a subprocess (stdin is /dev/null unless given)."""
+    """Run `wizardchat ARGS` (stdin empty unless given): in this process with streams of its own
+    (typer's CliRunner isolation), or in a subprocess where the test is marked real_process."""
     data = stdin.encode() if isinstance(stdin, str) else stdin
+    if not _in_process:
+        return run_process(*args, stdin=data, timeout=timeout)
+    return _run_in_process(list(args), data, timeout)
+
+
+def run_process(*args: str, stdin: bytes | None = None, timeout: float = 120) -> Result:
+    """Run the installed `wizardchat` in a subprocess (stdin is /dev/null unless given)."""
     proc = subprocess.run(
         [WIZARDCHAT, *args],
-        input=data,
-        stdin=subprocess.DEVNULL if data is None else None,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
         capture_output=True,
         timeout=timeout,
         env=os.environ.copy(),
@@ -89,6 +126,44 @@ def run_cli(*args: str, stdin: str | bytes | None = None, timeout: float = 120) 
         proc.returncode,
         proc.stdout.decode("utf-8", errors="replace"),
         proc.stderr.decode("utf-8", errors="replace"),
+    )
+
+
+def _run_in_process(args: list[str], data: bytes | None, timeout: float) -> Result:
+    """wizardchat's entry point on `args`, sys's streams swapped for buffers as a pipe would be.
+
+    Help is as wide as COLUMNS says, else 80 columns as on a pipe (CliRunner forces 80 always).
+    A run that hangs past `timeout` ends the test process with every thread's traceback.
+    """
+    import faulthandler
+
+    from typer._click import formatting
+    from typer.testing import CliRunner
+
+    from wizardchat.entry import main
+
+    width = {} if "COLUMNS" in os.environ else {"COLUMNS": "80"}
+    code: int | str | None = 0
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        with CliRunner().isolation(input=data or b"", env=width) as (out, err, _):
+            formatting.FORCED_WIDTH = None
+            try:
+                main(args)
+            except SystemExit as e:
+                code = e.code
+            except Exception:  # what the interpreter does with it: the traceback, exit 1
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout, stderr = out.getvalue(), err.getvalue()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    if not isinstance(code, int):
+        code = 0 if code is None else 1
+    return Result(
+        code, stdout.decode("utf-8", errors="replace"), stderr.decode("utf-8", errors="replace")
     )
 
 

@@ -422,3 +422,22 @@ def test_an_existing_file_that_is_not_gguf_says_so(
     assert r.code == ExitCode.BAD_MODEL, r.stderr
     assert r.stderr.startswith(f"wizardchat: error: {name} is not a GGUF file"), r.stderr
     assert r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ options declared once
+
+
+def test_every_setting_is_one_option_and_each_command_takes_its_set() -> None:
+    import typer
+
+    from wizardchat.cli.app import app
+    from wizardchat.cli.options import CHAT_OPTIONS, LOAD_OPTIONS, OPTIONS, SAMPLING
+    from wizardchat.settings import FIELD_NAMES
+
+    assert set(OPTIONS) == set(FIELD_NAMES)
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+    taken = {name: [p.name for p in c.params if p.name in OPTIONS] for name, c in commands.items()}
+    assert taken["ask"] == taken["run"] == list(CHAT_OPTIONS)
+    assert taken["bench"] == list(LOAD_OPTIONS) and not set(SAMPLING) & set(LOAD_OPTIONS)
+    assert taken["doctor"] == ["model", "rpc"]  # its own -m (other help), the shared --rpc

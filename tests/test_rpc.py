@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import WIZARDCHAT, Models, run_cli
 
+from wizardchat import rpc_endpoints
 from wizardchat.engine import rpc
 from wizardchat.errors import LoadError, UsageError
 
@@ -30,6 +31,9 @@ READY_TIMEOUT = 20.0  # a worker imports llama_cpp and starts listening in ~1 s
 STOP_TIMEOUT = 5.0
 
 requires_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason=rpc.REBUILD_HINT)
+# Registering RPC devices is process-wide, and a failing worker makes llama.cpp abort the process:
+# the CLI tests that reach a worker spawn wizardchat.
+real_process = pytest.mark.real_process
 
 
 def free_port() -> int:
@@ -182,6 +186,7 @@ def test_model_split_over_two_workers_generates_the_local_tokens(
     assert tokens == local["tokens"]
 
 
+@real_process
 @requires_rpc
 def test_ask_with_rpc_places_layers_on_the_workers_and_answers_as_locally(
     models: Models, workers: list[str]
@@ -201,6 +206,7 @@ def test_ask_with_rpc_places_layers_on_the_workers_and_answers_as_locally(
     assert remote.stdout == local.stdout and len(remote.stdout.strip()) > 0
 
 
+@real_process
 @requires_rpc
 def test_ask_with_an_unreachable_worker_fails_fast(models: Models) -> None:
     start = time.monotonic()
@@ -258,8 +264,8 @@ def test_worker_ends_promptly_on_sigterm_and_ctrl_c(signum: int) -> None:
 
 
 def test_parse_endpoints() -> None:
-    assert rpc.parse_endpoints("127.0.0.1:50052") == ["127.0.0.1:50052"]
-    assert rpc.parse_endpoints(" 10.0.0.2:1 , gpu-box.lan:065535") == [
+    assert rpc_endpoints.parse_endpoints("127.0.0.1:50052") == ["127.0.0.1:50052"]
+    assert rpc_endpoints.parse_endpoints(" 10.0.0.2:1 , gpu-box.lan:065535") == [
         "10.0.0.2:1",
         "gpu-box.lan:65535",
     ]
@@ -285,8 +291,77 @@ def test_parse_endpoints() -> None:
 )
 def test_parse_endpoints_refuses(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=message) as caught:
-        rpc.parse_endpoints(text)
+        rpc_endpoints.parse_endpoints(text)
     assert "\n" not in str(caught.value)
+
+
+# Every way an endpoint list comes in goes through parse_endpoints: a bad one is exit 2 and one
+# line naming where it came from and what is wrong, before any model is loaded.
+EXPECTED = "(expected HOST:PORT[,HOST:PORT...])"
+RPC_FLAG_ERRORS = [
+    ("", f"--rpc: no RPC endpoint given {EXPECTED}"),
+    (" , ", f"--rpc: no RPC endpoint given {EXPECTED}"),
+    ("127.0.0.1:1,,127.0.0.1:2",
+     "--rpc: bad RPC endpoint list '127.0.0.1:1,,127.0.0.1:2': an empty entry between commas"),
+    ("127.0.0.1:1,", "--rpc: bad RPC endpoint list '127.0.0.1:1,': an empty entry between commas"),
+    ("127.0.0.1:50052,127.0.0.1:050052", "--rpc: RPC endpoint 127.0.0.1:50052 is listed twice"),
+    ("gpu-box", "--rpc: bad RPC endpoint 'gpu-box': missing port (expected HOST:PORT, "
+                "e.g. 192.168.1.20:50052)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["ask", "doctor"])
+@pytest.mark.parametrize(("text", "message"), RPC_FLAG_ERRORS, ids=lambda v: repr(v)[:24])
+def test_a_bad_rpc_flag_is_one_line_and_exit_2(
+    command: str, text: str, message: str, models: Models
+) -> None:
+    prompt = ["Hi"] if command == "ask" else []
+    r = run_cli(command, *prompt, "-m", str(models.scripted), "--rpc", text, timeout=60)
+    assert (r.code, r.stderr, r.stdout) == (2, f"wizardchat: error: {message}\n", "")
+
+
+def test_a_bad_rpc_environment_value_names_the_variable(
+    models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WIZARDCHAT_RPC", "127.0.0.1:7,127.0.0.1:7")
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), timeout=60)
+    expected = "wizardchat: error: WIZARDCHAT_RPC: RPC endpoint 127.0.0.1:7 is listed twice\n"
+    assert (r.code, r.stderr, r.stdout) == (2, expected, "")
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ('rpc = "127.0.0.1:1,,127.0.0.1:2"\n',
+         "rpc: bad RPC endpoint list '127.0.0.1:1,,127.0.0.1:2': an empty entry between commas"),
+        ('rpc = ["127.0.0.1:1", ""]\n', "rpc: bad RPC endpoint list ['127.0.0.1:1', '']: an empty "
+                                        "entry"),
+        ('rpc = ["127.0.0.1:1", "127.0.0.1:1"]\n', "rpc: RPC endpoint 127.0.0.1:1 is listed twice"),
+        ("rpc = []\n", f"rpc: no RPC endpoint given {EXPECTED}"),
+    ],
+)  # fmt: skip
+def test_a_bad_rpc_config_value_names_the_file_and_the_key(
+    written: str, message: str, models: Models, isolated_home: Path
+) -> None:
+    config = isolated_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(written)
+    r = run_cli("ask", "Hi", "-m", str(models.scripted), timeout=60)
+    expected = f"wizardchat: error: config file {config}: {message}\n"
+    assert (r.code, r.stderr, r.stdout) == (2, expected, "")
+
+
+def test_good_rpc_values_from_every_source_become_canonical_settings(tmp_path: Path) -> None:
+    from wizardchat.settings import load_settings
+
+    config = tmp_path / "config.toml"
+    config.write_text('rpc = [" gpu-box:050052", "10.0.0.2:1"]\n')
+    from_config = load_settings({}, config_path=config, environ={})
+    assert from_config.rpc == ("gpu-box:50052", "10.0.0.2:1")
+    from_env = load_settings({}, config_path=config, environ={"WIZARDCHAT_RPC": "a:01, b:2"})
+    assert from_env.rpc == ("a:1", "b:2")
+    from_flag = load_settings({"rpc": "c:3"}, config_path=config, environ={})
+    assert from_flag.rpc == ("c:3",)
 
 
 def test_unreachable_endpoint_is_a_clear_error_within_the_timeout() -> None:
@@ -472,6 +547,7 @@ def _garbage(conn: socket.socket) -> None:
     conn.sendall(struct.pack("<Q", 2**40) + b"\xff" * 64)
 
 
+@real_process
 @requires_rpc
 @pytest.mark.parametrize("after_hello", [_close, _garbage], ids=["closes", "garbage"])
 def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
@@ -486,6 +562,7 @@ def test_a_worker_failing_after_the_handshake_is_one_line_not_an_abort_dump(
     assert "ggml-rpc.cpp:" in line and "/ggml-rpc.cpp" not in line  # no build path
 
 
+@real_process
 @requires_rpc
 def test_doctor_lists_a_worker_as_rpc_not_as_a_gpu(models: Models, workers: list[str]) -> None:
     # The workers serve their CPU; llama.cpp types every RPC device GPU whatever it serves.

@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import sys
+from collections.abc import Sequence
 
 TOP_LEVEL_HELP = """\
 Usage: wizardchat [OPTIONS] COMMAND [ARGS]...
@@ -96,10 +97,11 @@ def output_failed(error: OSError) -> None:
     raise SystemExit(9)
 
 
-def main() -> None:
-    """The `wizardchat` command."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `wizardchat` command, on `argv` (default: sys.argv's arguments)."""
     guard_standard_streams()
-    if sys.argv[1:] in ([], ["--help"], ["-h"]):
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args in ([], ["--help"], ["-h"]):
         try:
             sys.stdout.write(TOP_LEVEL_HELP)
             sys.stdout.flush()
@@ -109,7 +111,7 @@ def main() -> None:
     try:
         from wizardchat.cli.app import main as cli_main
 
-        cli_main()
+        cli_main(args)
     except (KeyboardInterrupt, RuntimeError) as e:
         # Ctrl-C before cli's error boundary exists (while importing); Python wraps one that
         # lands in a class body's __set_name__ in a RuntimeError.

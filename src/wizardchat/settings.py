@@ -138,6 +138,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     `source` names where the value came from as the user wrote it (`-c/--ctx-size`,
     `WIZARDCHAT_CTX_SIZE`, `config file PATH: ctx-size`), so the line points at what to fix.
     """
+    if name == "rpc":
+        return _endpoints(value, source)
     kind = _TYPES[name]
     try:
         value = _coerce_value(name, kind, value)
@@ -147,6 +149,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if problem:
         raise UsageError(f"{source}: {problem}")
     return value
+
+
+def _endpoints(value: Any, source: str) -> tuple[str, ...]:
+    """RPC endpoints, from any source, through the one parser (empty, bad, repeated: one line)."""
+    from wizardchat.rpc_endpoints import parse_endpoints
+
+    if not isinstance(value, str | list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{source}: {_shown(value)} {_not_a(tuple[str, ...])}")
+    try:
+        return tuple(parse_endpoints(value))
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
 
 
 def _not_a(kind: Any) -> str:

@@ -128,7 +128,7 @@ def _help_record(param: Parameter) -> tuple[str, str, str] | None:
     text = getattr(param, "help", None) or ""
     notes = _notes(param)
     note = f"[{'; '.join(notes)}]" if notes else ""
-    if not note and (found := _NOTE.search(text)):  # a note written into the help (cli._o)
+    if not note and (found := _NOTE.search(text)):  # a note written into the help (options._option)
         text, note = text[: found.start()], found.group(1)
     return names, text, note
 
@@ -272,15 +272,15 @@ class Group(TyperGroup):
 # ------------------------------------------------------------------ usage errors in one line
 
 
-def error_line(error: click_errors.UsageError) -> str:
-    """The one line (after `wizardchat: error: `) that says what was wrong on the command line."""
+def error_line(error: click_errors.UsageError, argv: Sequence[str]) -> str:
+    """The one line (after `wizardchat: error: `) that says what was wrong with `argv`."""
     ctx = error.ctx
     if isinstance(error, click_errors.NoSuchOption):
         return _unknown_option(error.option_name, ctx)
     if isinstance(error, click_errors.MissingParameter):
         return _missing(error, ctx)
     if isinstance(error, click_errors.BadParameter):
-        return _bad_value(error)
+        return _bad_value(error, argv)
     if isinstance(error, click_errors.BadOptionUsage):
         return _bad_option_usage(error)
     if error.message == "Missing command." and ctx is not None:
@@ -354,7 +354,7 @@ _NOT_A = {
 _OUT_OF_RANGE = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
 
 
-def _bad_value(error: click_errors.BadParameter) -> str:
+def _bad_value(error: click_errors.BadParameter, argv: Sequence[str]) -> str:
     param = error.param
     label = (
         flag_label(param.opts)
@@ -366,7 +366,7 @@ def _bad_value(error: click_errors.BadParameter) -> str:
     details = getattr(error.__cause__, "errors", None)
     found = details()[0] if callable(details) and details() else {}
     kind, value = found.get("type"), found.get("input")
-    if param is not None and (glued := _glued_option(param, value)):
+    if param is not None and (glued := _glued_option(param, value, argv)):
         return _unknown_option(glued, error.ctx)  # `-ng 5` read as -n with the value "g"
     if kind in _NOT_A:
         return f"{label}: {value!r} {_NOT_A[kind]}"
@@ -377,12 +377,10 @@ def _bad_value(error: click_errors.BadParameter) -> str:
     return f"{label}: {message}" if value is None else f"{label}: invalid value {value!r}"
 
 
-def _glued_option(param: Parameter, value: Any) -> str | None:
+def _glued_option(param: Parameter, value: Any, argv: Sequence[str]) -> str | None:
     """`-ng` when click read a mistyped `-ng` as the short option -n with the value "g"."""
-    import sys
-
     for opt in param.opts:
-        if len(opt) == 2 and opt[0] == "-" and f"{opt}{value}" in sys.argv[1:]:
+        if len(opt) == 2 and opt[0] == "-" and f"{opt}{value}" in argv:
             return f"{opt}{value}"
     return None
 

@@ -1,10 +1,14 @@
 """llama.cpp's RPC backend: serve this machine's devices to others, or use theirs for the next load.
 
 The functions come from the ggml shared libraries that libllama itself links, looked up through
-libllama's handle. The wheel ships `libggml.so` and `libggml.so.0` as two separate files (no
-symlinks), so opening `libggml.so` by path (as `engine.ggml` does) maps a second copy with its
-own backend registry: devices registered there are invisible to llama.cpp. Registering in the
+libllama's handle (as `engine.ggml` does too). The wheel ships `libggml.so` and `libggml.so.0` as
+two separate files (no symlinks), so opening `libggml.so` by path would map a second copy with
+its own backend registry: devices registered there are invisible to llama.cpp. Registering in the
 copy libllama uses is what makes llama.cpp's default device list include the RPC devices.
+
+Endpoints as users write them are parsed by `wizardchat.rpc_endpoints` (pure text, shared with
+settings.py, so `--rpc`, WIZARDCHAT_RPC and config.toml get the same checks); this module checks
+them on the wire.
 
 C API (ggml/include/ggml-rpc.h of the llama.cpp vendored in llama-cpp-python 0.3.36, RPC protocol
 7.0.0; the argument registers were checked in the built libggml-rpc.so):
@@ -45,8 +49,7 @@ from typing import Any
 from wizardchat.engine import ggml
 from wizardchat.engine.ggml import Device
 from wizardchat.errors import LoadError, UsageError, WizardchatError
-
-DEFAULT_PORT = 50052
+from wizardchat.rpc_endpoints import DEFAULT_PORT, parse_endpoint, parse_endpoints
 
 REBUILD_HINT = (
     "rebuild llama-cpp-python with RPC: "
@@ -69,48 +72,11 @@ _READY_TIMEOUT_S = 10.0  # how long serve() waits for llama.cpp's server to star
 
 
 # --- endpoints ---------------------------------------------------------------------------------
-
-
-def _parse_endpoint(item: str) -> str:
-    example = f"expected HOST:PORT, e.g. 192.168.1.20:{DEFAULT_PORT}"
-    if "[" in item or item.count(":") > 1:
-        raise UsageError(
-            f"bad RPC endpoint {item!r}: llama.cpp's RPC speaks IPv4 only; "
-            "use an IPv4 address or a host name"
-        )
-    host, sep, port = item.rpartition(":")
-    if not sep or not port:
-        raise UsageError(f"bad RPC endpoint {item!r}: missing port ({example})")
-    if not host:
-        raise UsageError(f"bad RPC endpoint {item!r}: missing host ({example})")
-    if not host.replace(".", "").replace("-", "").replace("_", "").isalnum() or not host.isascii():
-        raise UsageError(f"bad RPC endpoint {item!r}: {host!r} is not a host name or address")
-    if not port.isdecimal() or not port.isascii():
-        raise UsageError(f"bad RPC endpoint {item!r}: port {port!r} is not a number")
-    number = int(port)
-    if not 1 <= number <= 65535:
-        raise UsageError(f"bad RPC endpoint {item!r}: port {number} is out of range 1-65535")
-    return f"{host}:{number}"
-
-
-def parse_endpoints(text: str) -> list[str]:
-    """Parse "HOST:PORT[,HOST:PORT...]" into canonical endpoints; bad input is a UsageError."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip():
-        raise UsageError("no RPC endpoint given (expected HOST:PORT[,HOST:PORT...])")
-    if "" in items:
-        raise UsageError(f"bad RPC endpoint list {text!r}: an empty entry between commas")
-    endpoints: list[str] = []
-    for item in items:
-        endpoint = _parse_endpoint(item)
-        if endpoint in endpoints:
-            raise UsageError(f"RPC endpoint {endpoint} is listed twice")
-        endpoints.append(endpoint)
-    return endpoints
+# Parsed by wizardchat.rpc_endpoints (pure, shared with settings); checked here on the wire.
 
 
 def _split(endpoint: str) -> tuple[str, int]:
-    host, _, port = _parse_endpoint(endpoint).rpartition(":")
+    host, _, port = parse_endpoint(endpoint).rpartition(":")
     return host, int(port)
 
 
@@ -255,11 +221,7 @@ def add_servers(endpoints: Sequence[str], timeout: float = 3.0) -> list[str]:
     RPC devices first in its default device list and spreads the offloaded layers over them and
     the local GPUs by free memory, so the load must ask for offload (n_gpu_layers > 0).
     """
-    wanted: list[str] = []
-    for endpoint in endpoints:
-        canonical = _parse_endpoint(endpoint.strip())
-        if canonical not in wanted:
-            wanted.append(canonical)
+    wanted = parse_endpoints(endpoints)  # settings did this already; other callers get it too
     api = _api()
     from wizardchat.engine.llama_log import install_abort_handler
 
