@@ -103,7 +103,7 @@ def _resolve(
 ) -> io.StringIO:
     err = io.StringIO()
     pulling.resolve_model(
-        text, yes=False, can_ask=can_ask, confirm=confirm, err=err, machine=machine
+        text, yes=False, can_ask=can_ask, confirm=confirm, err=err, machine=lambda: machine
     )
     return err
 
@@ -113,7 +113,7 @@ def test_nothing_fits_a_21_gb_machine_so_it_says_why_and_offers_the_7b(sized_hub
     err = io.StringIO()
     with pytest.raises(errors.Declined) as declined:
         pulling.resolve_model(
-            "wizardlm2-8x22b", yes=False, can_ask=True, confirm=questions, err=err, machine=laptop()
+            "wizardlm2-8x22b", yes=False, can_ask=True, confirm=questions, err=err, machine=laptop
         )
     said = err.getvalue()
     assert "no quant of wizardlm2-8x22b fits this machine" in said
@@ -149,7 +149,7 @@ def test_a_big_machine_gets_the_biggest_8x22b_quant_that_fits_with_experts_in_ra
             can_ask=True,
             confirm=questions,
             err=err,
-            machine=workstation(),
+            machine=workstation,
         )
     assert err.getvalue() == ""
     assert questions.asked == [
@@ -194,7 +194,7 @@ def test_yes_never_downloads_what_cannot_run_unless_named(
             can_ask=True,
             confirm=Questions(answer=True),
             err=io.StringIO(),
-            machine=laptop(),
+            machine=laptop,
         )
     # A nearly full disk where the cache is: the pull must stop before any byte.
     monkeypatch.setattr(shutil, "disk_usage", small_disk_usage(1000, tmp_path / "hf" / "hub"))
@@ -206,7 +206,7 @@ def test_yes_never_downloads_what_cannot_run_unless_named(
             can_ask=True,
             confirm=Questions(answer=False),
             err=err,
-            machine=laptop(),
+            machine=laptop,
         )
     assert "warning: no quant of wizardlm2-8x22b fits this machine" in err.getvalue()
     assert sum(sized_hub.bytes_served.values()) == 0

@@ -472,5 +472,5 @@ def test_the_download_question_warns_when_nothing_fits(
             can_ask=False,
             confirm=lambda q: False,
             err=io.StringIO(),
-            machine=Machine.sized(1000),  # a machine with 1 KB
+            machine=lambda: Machine.sized(1000),  # a machine with 1 KB
         )

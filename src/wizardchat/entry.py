@@ -7,7 +7,6 @@ ever differ, so edit the commands in cli/ and paste the new output here.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
@@ -89,14 +88,6 @@ def guard_standard_streams() -> None:
         sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
-def output_failed(error: OSError) -> None:
-    """Stdout failed outside the commands' error boundary: one line, exit 9 (ExitCode.OUTPUT)."""
-    with contextlib.suppress(OSError):  # the unwritten rest goes to /dev/null, not to a 2nd error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    sys.stderr.write(f"wizardchat: error: cannot write output: {error.strerror or error}\n")
-    raise SystemExit(9)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """The `wizardchat` command, on `argv` (default: sys.argv's arguments)."""
     guard_standard_streams()
@@ -106,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.stdout.write(TOP_LEVEL_HELP)
             sys.stdout.flush()
         except OSError as e:
+            from wizardchat.cli.output import output_failed  # only when stdout has failed
+
             output_failed(e)
         return
     try:

@@ -19,7 +19,7 @@ import typer
 from wizardchat import __version__
 from wizardchat.cli import chat, machine, models, sessions
 from wizardchat.cli.environment import Environment
-from wizardchat.cli.output import quiet_broken_pipe, stdout_failed
+from wizardchat.cli.output import output_failed, quiet_broken_pipe, stdout_failed
 from wizardchat.cli.usage import STATE, Command, Group
 from wizardchat.errors import Declined, ExitCode, WizardchatError
 from wizardchat.signals import Terminated
@@ -176,8 +176,6 @@ def _invoke(argv: Sequence[str], env: Environment) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the typer app on `argv` (default: sys.argv) with this process's Environment."""
-    from wizardchat.entry import output_failed
-
     env = Environment.from_sys()
     try:
         raise SystemExit(_invoke(sys.argv[1:] if argv is None else argv, env))

@@ -41,10 +41,11 @@ def pull(
     ] = 4,
 ) -> None:
     """Download a model: all shards, resumable, verified."""
+    from wizardchat.engine.offload import detect_machine
     from wizardchat.hub import download as hub
     from wizardchat.hub.catalog import parse_ref
     from wizardchat.hub.progress import pull_quant
-    from wizardchat.hub.resolve import default_ref, detect_machine, pull_choice, quant_table
+    from wizardchat.hub.resolve import default_ref, pull_choice, quant_table
     from wizardchat.tui.output import PlainOutput
 
     configured = load_settings({}, environ=env.environ).model

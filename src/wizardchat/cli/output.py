@@ -3,12 +3,14 @@ failure), plain or rich, and the quiet end of a stdout whose reader went away.""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import typing
 from typing import IO
 
 from wizardchat.cli.environment import Environment
-from wizardchat.errors import OutputError
+from wizardchat.errors import ExitCode, OutputError
 
 
 class ReplyOutput:
@@ -90,3 +92,11 @@ def write_untrusted(env: Environment, text: str) -> None:
     from wizardchat.safe_text import terminal_safe
 
     env.stdout.write((terminal_safe(text) if env.stdout_is_terminal else text) + "\n")
+
+
+def output_failed(error: OSError) -> None:
+    """Stdout failed outside the commands' error boundary: one line, exit 9 (ExitCode.OUTPUT)."""
+    with contextlib.suppress(OSError):  # the unwritten rest goes to /dev/null, not to a 2nd error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.stderr.write(f"wizardchat: error: cannot write output: {error.strerror or error}\n")
+    raise SystemExit(ExitCode.OUTPUT)

@@ -37,12 +37,18 @@ def settings_and_model_ref(
     loaded = load_settings(flags, environ=env.environ, labels=FLAG_LABELS)
     if closed_at_start(env.stdout):  # before minutes of loading, not after
         raise OutputError("cannot write output: stdout is closed")
+    from wizardchat.engine.offload import detect_machine
     from wizardchat.hub.catalog import DEFAULT_FAMILY
     from wizardchat.hub.resolve import confirm_on_terminal, resolve_model
 
     given = loaded.model or DEFAULT_FAMILY
     path = resolve_model(
-        given, yes=yes, can_ask=can_ask, confirm=confirm_on_terminal, err=env.stderr
+        given,
+        yes=yes,
+        can_ask=can_ask,
+        confirm=confirm_on_terminal,
+        err=env.stderr,
+        machine=detect_machine,
     )
     check_model_file(path)
     from wizardchat.chat.recording import model_reference

@@ -46,10 +46,18 @@ def remember_ram_bandwidth(value: float) -> None:
 
 def detect_machine() -> Machine:
     """This machine as every fit sees it: llama.cpp's GPU and RPC devices (free memory, in device
-    order), the system RAM (available and total) and the remembered host bandwidth."""
-    from wizardchat.engine import ggml
+    order), the system RAM (available and total) and the remembered host bandwidth.
 
-    return machine_from_devices(ggml.devices(), ram_bandwidth=remembered_ram_bandwidth())
+    Where llama.cpp's libraries cannot be loaded, the RAM alone: `pull` still chooses a quant
+    (and the load then says what is wrong with the build).
+    """
+    try:
+        from wizardchat.engine import ggml
+
+        devices = ggml.devices()
+    except (ImportError, OSError, RuntimeError):  # llama_cpp raises RuntimeError for a bad .so
+        devices = []
+    return machine_from_devices(devices, ram_bandwidth=remembered_ram_bandwidth())
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from wizardchat.hub.catalog import (
 )
 from wizardchat.hub.progress import pull_quant
 from wizardchat.plan.fit import MIN_CTX, find_fit
-from wizardchat.plan.machine import Machine, machine_from_devices
+from wizardchat.plan.machine import Machine
 from wizardchat.plan.search import DEFAULT_MARGIN, RAM_RESERVE
 from wizardchat.plan.shapes import FitError, catalog_shape
 
@@ -38,16 +38,6 @@ if TYPE_CHECKING:
 UNKNOWN_KV = 2 * 1024**3  # KV allowance for repositories outside the catalog
 FALLBACK_FAMILY = "wizardlm2-7b"  # what runs where no 8x22B quant fits
 BUDGET_STEP = 50_000_000  # how finely the largest fitting size is searched (bytes)
-
-
-def detect_machine() -> Machine:
-    """This machine as the load will see it (engine/offload.py), or its RAM alone when
-    llama.cpp's library cannot be loaded to list the GPUs."""
-    try:
-        from wizardchat.engine.offload import detect_machine as detect
-    except (ImportError, OSError):  # no llama.cpp backend to ask: count RAM only
-        return machine_from_devices([])
-    return detect()
 
 
 def describe(machine: Machine) -> str:
@@ -253,11 +243,12 @@ def resolve_model(
     can_ask: bool,
     confirm: Confirm,
     err: TextIO,
-    machine: Machine | None = None,
+    machine: Callable[[], Machine],
 ) -> Path:
     """The file to load for `--model TEXT`: a path as given, or a reference found or pulled.
 
-    What is offered must fit `machine` (detected when None); where it does not, the question
+    What is offered must fit the machine that `machine()` describes (asked only when a download
+    must be chosen: detecting GPUs loads llama.cpp's libraries); where it does not, the question
     offers what runs here instead. Answering no raises Declined (exit 0, not an error).
     """
     ref = parse_ref(text)
@@ -279,12 +270,12 @@ def resolve_model(
             raise
         # No terminal to ask on: the advice is to pull first, whatever the hub's state.
         raise NoModelError(f"{ref} is not downloaded: {pull_first}", hints=(str(e),)) from None
-    machine = machine or detect_machine()
-    wanted = _download(ref, model, machine)
+    here = machine()
+    wanted = _download(ref, model, here)
     if not wanted.fits:
         chosen = _nothing_fits(
             wanted,
-            machine,
+            here,
             named=ref.quant is not None,
             yes=yes,
             can_ask=can_ask,
