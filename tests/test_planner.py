@@ -26,11 +26,19 @@ from wizardchat.plan.shapes import FitError as PlanError
 from wizardchat.plan.shapes import (
     ModelShape,
     shape_from_gguf,
-    shape_from_path,
     wizardlm2_8x22b_shape,
 )
 
 Q4_K_M = wizardlm2_8x22b_shape("Q4_K_M")
+
+
+def shape_from_path(path: Path) -> ModelShape:
+    """The shape of a GGUF model on disk, all its shards read."""
+    from wizardchat.gguf_file import read_header
+
+    return shape_from_gguf(read_header(path))
+
+
 N = Q4_K_M.n_layer
 RAM_BW = 90e9  # dual-channel DDR5
 

@@ -24,13 +24,13 @@ import pytest
 from conftest import WIZARDCHAT, Models, run_cli
 
 from wizardchat import rpc_endpoints
-from wizardchat.engine import rpc
+from wizardchat.engine import ggml, rpc
 from wizardchat.errors import LoadError, UsageError
 
 READY_TIMEOUT = 20.0  # a worker imports llama_cpp and starts listening in ~1 s
 STOP_TIMEOUT = 5.0
 
-requires_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason=rpc.REBUILD_HINT)
+requires_rpc = pytest.mark.skipif("RPC" not in ggml.backends(), reason=rpc.REBUILD_HINT)
 # Registering RPC devices is process-wide, and a failing worker makes llama.cpp abort the process:
 # the CLI tests that reach a worker spawn wizardchat.
 real_process = pytest.mark.real_process

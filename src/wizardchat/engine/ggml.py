@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
-DEV_TYPE_CPU = 0
 
 
 @functools.cache

@@ -24,6 +24,8 @@ class LlamaEngine:
 
     def __init__(self, settings: Settings, *, progress: ProgressFn | None, log: IO[str] | None):
         overrides = plan_overrides(settings.override_tensor, settings.cpu_moe, settings.n_cpu_moe)
+        # _overrides holds the C array of tensor_buft_overrides (and its pattern bytes) for as
+        # long as the model that llama.cpp loaded with it: never read, only kept alive.
         self.llm, self.load_plan, self.info, self._overrides = load(
             settings, overrides, progress=progress, log=log
         )

@@ -199,15 +199,6 @@ def _api() -> _Api:
     return _Api()
 
 
-def rpc_available() -> bool:
-    """Whether this llama-cpp-python build has llama.cpp's RPC backend."""
-    try:
-        _api()
-    except UsageError:
-        return False
-    return True
-
-
 _added: dict[str, list[str]] = {}  # endpoint -> names of its devices, once registered
 _added_lock = threading.Lock()
 

@@ -13,7 +13,6 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from wizardchat.errors import LoadError, UsageError
 from wizardchat.ggml_types import row_bytes, tensor_bytes
@@ -145,11 +144,6 @@ def shape_from_gguf(info: GGUFInfo, shards: Sequence[GGUFInfo] | None = None) ->
         output_bytes=output_bytes,
         name=label,
     )
-
-
-def shape_from_path(path: Path) -> ModelShape:
-    """Read the headers of a GGUF model (all its shards) and return its shape."""
-    return shape_from_gguf(read_header(path))
 
 
 @dataclass(frozen=True)
