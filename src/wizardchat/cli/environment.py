@@ -51,6 +51,18 @@ class Environment:
         """Whether a person can be asked a question: stdin and stderr are terminals."""
         return self.stdin_is_terminal and self.stderr_is_terminal
 
+    def confirm(self, question: str) -> bool:
+        """Ask a yes/no question on the terminal (stderr, then the answer from /dev/tty, else
+        from stdin when it is one); anything but y/yes is no."""
+        self.stderr.write(question)
+        self.stderr.flush()
+        try:
+            with open("/dev/tty", encoding="utf-8") as tty:
+                answer = tty.readline()
+        except OSError:
+            answer = self.stdin.readline() if self.stdin and self.stdin_is_terminal else ""
+        return answer.strip().lower() in ("y", "yes")
+
     def say(self, message: str) -> None:
         """One message on stderr, control characters made visible: messages echo untrusted text
         (paths, names, the prompt with past replies), and stderr is for people, pipe or not."""

@@ -116,7 +116,6 @@ def rm(
     """Delete a downloaded model and report the space freed."""
     from wizardchat.hub import cache as hubcache
     from wizardchat.hub.catalog import human_size, parse_ref
-    from wizardchat.hub.resolve import confirm_on_terminal
 
     parsed = parse_ref(ref, reference_only=True)
     if isinstance(parsed, Path):
@@ -129,7 +128,7 @@ def rm(
     if not yes:
         if not env.stdin_is_terminal:
             raise UsageError(f"rm {ref}: pass --yes to delete {names} without a terminal to ask")
-        if not confirm_on_terminal(f"delete {names} ({human_size(size)})? [y/N] "):
+        if not env.confirm(f"delete {names} ({human_size(size)})? [y/N] "):
             raise Declined("nothing deleted")
     removed = [hubcache.remove(m) for m in targets]
     freed = sum(r.freed for r in removed)

@@ -39,14 +39,14 @@ def settings_and_model_ref(
         raise OutputError("cannot write output: stdout is closed")
     from wizardchat.engine.offload import detect_machine
     from wizardchat.hub.catalog import DEFAULT_FAMILY
-    from wizardchat.hub.resolve import confirm_on_terminal, resolve_model
+    from wizardchat.hub.resolve import resolve_model
 
     given = loaded.model or DEFAULT_FAMILY
     path = resolve_model(
         given,
         yes=yes,
         can_ask=can_ask,
-        confirm=confirm_on_terminal,
+        confirm=env.confirm,
         err=env.stderr,
         machine=detect_machine,
     )

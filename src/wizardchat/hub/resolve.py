@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,18 +329,6 @@ def _nothing_fits(
     if confirm(f"Download {wanted.what} anyway, more than this machine can hold? [y/N] "):
         return wanted
     raise Declined("nothing downloaded: `wizardchat run -m FILE.gguf` uses a file you have")
-
-
-def confirm_on_terminal(question: str) -> bool:
-    """Ask on the terminal; anything but y/yes is no."""
-    sys.stderr.write(question)
-    sys.stderr.flush()
-    try:
-        with open("/dev/tty", encoding="utf-8") as tty:
-            answer = tty.readline()
-    except OSError:
-        answer = sys.stdin.readline() if sys.stdin and sys.stdin.isatty() else ""
-    return answer.strip().lower() in ("y", "yes")
 
 
 def default_ref(configured: str | None) -> str:
