@@ -13,12 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-
-def _is_terminal(stream: TextIO | None) -> bool:
-    try:
-        return stream is not None and stream.isatty()
-    except (OSError, ValueError):  # closed
-        return False
+from wizardchat.safe_text import is_terminal, terminal_safe
 
 
 @dataclass(frozen=True)
@@ -41,9 +36,9 @@ class Environment:
             stdout=sys.stdout,
             stderr=sys.stderr,
             environ=os.environ,
-            stdin_is_terminal=_is_terminal(sys.stdin),
-            stdout_is_terminal=_is_terminal(sys.stdout),
-            stderr_is_terminal=_is_terminal(sys.stderr),
+            stdin_is_terminal=sys.stdin is not None and is_terminal(sys.stdin),
+            stdout_is_terminal=is_terminal(sys.stdout),
+            stderr_is_terminal=is_terminal(sys.stderr),
         )
 
     @property
@@ -53,8 +48,9 @@ class Environment:
 
     def confirm(self, question: str) -> bool:
         """Ask a yes/no question on the terminal (stderr, then the answer from /dev/tty, else
-        from stdin when it is one); anything but y/yes is no."""
-        self.stderr.write(question)
+        from stdin when it is one); anything but y/yes is no. The question names models and
+        files from the hub and the disk: control characters are shown, not obeyed."""
+        self.stderr.write(terminal_safe(question))
         self.stderr.flush()
         try:
             with open("/dev/tty", encoding="utf-8") as tty:
@@ -66,8 +62,6 @@ class Environment:
     def say(self, message: str) -> None:
         """One message on stderr, control characters made visible: messages echo untrusted text
         (paths, names, the prompt with past replies), and stderr is for people, pipe or not."""
-        from wizardchat.safe_text import terminal_safe
-
         try:
             self.stderr.write(terminal_safe(message) + "\n")
             self.stderr.flush()
