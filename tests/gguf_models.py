@@ -69,6 +69,7 @@ def write_model(
     n_ctx_train: int = 4096,
     split_max_tensors: int = 0,
     seed: int = 0,
+    weight_scale: float = 0.02,
     script: tuple[str, ...] = SCRIPT_PIECES,
     chat_template: str | None = None,
     vocab_only: bool = False,
@@ -85,7 +86,7 @@ def write_model(
     rng = np.random.default_rng(seed)
 
     def rand(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        return (rng.standard_normal(shape) * weight_scale).astype(np.float32)
 
     def zeros(*shape: int) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)

@@ -87,3 +87,10 @@ class OutputError(WizardchatError):
     """The reply cannot be written: stdout is closed, or writing it failed."""
 
     exit_code = ExitCode.OUTPUT
+
+
+class KvStateError(WizardchatError):
+    """A saved KV state cannot be used or written; the chat goes on without it (never fatal:
+    the conversation's text is the source of truth and is evaluated again instead)."""
+
+    exit_code = ExitCode.SESSION

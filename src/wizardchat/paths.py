@@ -60,6 +60,11 @@ def sessions_dir() -> Path:
     return data_dir() / "sessions"
 
 
+def kv_cache_dir() -> Path:
+    """The KV caches saved with sessions (chat/kv_store.py), under their size budget."""
+    return data_dir() / "kv"
+
+
 def input_history_file() -> Path:
     """The REPL's input history (up-arrow, Ctrl-R), kept across runs."""
     return data_dir() / "input-history"

@@ -62,6 +62,7 @@ RANGES: dict[str, Bounds] = {
     "repeat_penalty": Bounds(0, 100, "above 0, at most 100", low_open=True),
     "seed": Bounds(-1, MAX_SEED, f"-1 to {MAX_SEED}"),
     "max_tokens": Bounds(-1, 2**31 - 1, f"-1 or 1 to {2**31 - 1}", holes=(0,)),
+    "kv_cache_max_gb": Bounds(0, 1_000_000, "0 (off) to 1000000"),
 }
 
 
@@ -108,6 +109,11 @@ class Settings:
         "auto",
         "Offload plan: auto fits GPU layers, experts in RAM and context to the devices; "
         "off leaves llama.cpp's defaults. Explicit -ngl/--n-cpu-moe/--cpu-moe/-ot win.",
+    )
+    kv_cache_max_gb: float = _opt(
+        20.0,
+        "Disk for the KV caches saved with sessions (resumed without re-evaluating), in GB; "
+        "the least recently used go first; 0 = off.",
     )
     verbose: bool = _opt(False, "Send llama.cpp's log to stderr instead of the log file.")
 

@@ -42,7 +42,8 @@ class Batch:
         A system prompt that leaves no room for a message is refused (ContextError) and the
         conversation goes on as it was.
         """
-        had_turns = bool(self.session.conversation.turns)
+        old_conversation = self.session.conversation
+        had_turns = bool(old_conversation.turns)
         if system is None:
             self.session.reset()
         else:
@@ -51,8 +52,13 @@ class Batch:
             old = self.recording.name
             name = free_name(self.recording.store)
             old_recording = self.recording
+            old_recording.save(old_conversation, leaving=True)  # its KV state, before it goes
             self.recording = Recording(
-                old_recording.store, name, old_recording.model, model_ref=old_recording.model_ref
+                old_recording.store,
+                name,
+                old_recording.model,
+                model_ref=old_recording.model_ref,
+                kv=old_recording.kv,
             )
             self.error(f"new conversation, saved as '{name}' ('{old}' keeps the previous one)")
 

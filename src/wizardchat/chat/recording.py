@@ -6,9 +6,13 @@ import os
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wizardchat.chat.conversation import Conversation
 from wizardchat.chat.store import SavedSession, SavedTurn, SessionStore, auto_name
+
+if TYPE_CHECKING:
+    from wizardchat.chat.kv_cache import KvCache
 
 
 def saved_session(
@@ -18,7 +22,10 @@ def saved_session(
     return SavedSession(
         name=name,
         system=conversation.system,
-        turns=[SavedTurn(t.user, t.reply, t.interrupted) for t in conversation.turns],
+        turns=[
+            SavedTurn(t.user, t.reply, t.interrupted, list(t.reply_tokens))
+            for t in conversation.turns
+        ],
         model=model,
         created=created,
         model_ref=model_ref,
@@ -65,19 +72,25 @@ class Recording:
         model: str,
         created: float | None = None,
         model_ref: str = "",
+        kv: KvCache | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self.model = model
         self.model_ref = model_ref
         self.created = created or time.time()
+        self.kv = kv  # the KV state saved with it (None: not kept)
         # Held until exit: no other wizardchat may write this session meanwhile (exit 7 there).
         self.claim = store.claim(name)
 
-    def save(self, conversation: Conversation) -> Path | None:
-        """Write the transcript (atomically); nothing while the conversation has no turn."""
+    def save(self, conversation: Conversation, *, leaving: bool = False) -> Path | None:
+        """Write the transcript (atomically), and the KV state when the policy says so
+        (chat/kv_cache.py; always when `leaving`); nothing while the conversation has no turn."""
         if not conversation.turns and not self.store.exists(self.name):
             return None
-        return self.store.save(
+        path = self.store.save(
             saved_session(conversation, self.name, self.model, self.created, self.model_ref)
         )
+        if self.kv is not None:
+            self.kv.checkpoint(self.name, conversation.tokens(), leaving=leaving)
+        return path

@@ -105,6 +105,22 @@ class StopScanner:
         return out
 
 
+def _shown_piece(piece: str, *, started: bool) -> str:
+    """A token's text as the reply shows it: the space SPM puts before the first word is not
+    reply text."""
+    return piece[1:] if not started and piece.startswith(" ") else piece
+
+
+def reply_text(pieces: Iterable[str]) -> str:
+    """The reply's text for its tokens' pieces, exactly as a streamed reply builds it."""
+    chunks: list[str] = []
+    for piece in pieces:
+        shown = _shown_piece(piece, started=bool(chunks))
+        if shown:
+            chunks.append(shown)
+    return "".join(chunks)
+
+
 def _strip_trailing_space(text: str, end: int) -> int:
     """The index where the run of whitespace that ends at `end` begins."""
     while end > 0 and text[end - 1].isspace():
@@ -244,8 +260,7 @@ class Reply:
     def _show(self, released: Iterable[tuple[int, str]]) -> Iterator[str]:
         for token, piece in released:
             self._turn.reply_tokens.append(token)
-            if not self._chunks and piece.startswith(" "):
-                piece = piece[1:]  # the space SPM puts before the first word is not reply text
+            piece = _shown_piece(piece, started=bool(self._chunks))
             if piece:
                 self._chunks.append(piece)
                 yield piece

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from wizardchat.chat.conversation import Conversation, Turn
-from wizardchat.chat.reply import Reply, TokenStreamLike
+from wizardchat.chat.reply import Reply, TokenStreamLike, reply_text
+from wizardchat.chat.session_file import SavedTurn
 
 
 class PromptProgress(Protocol):
@@ -27,6 +28,8 @@ class ChatEngine(Protocol):
     model_name: str
 
     def tokenize(self, text: str) -> list[int]: ...
+
+    def pieces(self, tokens: Sequence[int]) -> list[str]: ...
 
     def stream(
         self,
@@ -80,20 +83,32 @@ class ChatSession:
             self.conversation.system if system is None else system
         )
 
-    def restore(self, system: str, turns: Iterable[tuple[str, str, bool]]) -> None:
-        """Replace the conversation with saved (message, reply, interrupted) turns.
+    def restore(self, system: str, turns: Iterable[SavedTurn]) -> None:
+        """Replace the conversation with saved turns.
 
-        The text is tokenized again; the KV cache holds none of it, so the next `send` evaluates
-        the whole history once and later turns are back to evaluating only their new tokens.
+        Each reply keeps the ids the model generated when they decode to its text with this
+        model (then the history is token for token the one the model saw, and a saved KV state
+        of it matches); else its text is tokenized again. Unless a KV state is restored
+        (chat/kv_cache.py), the next `send` evaluates the whole history once.
         """
         conv = self._new_conversation(system)
-        for user, reply, interrupted in turns:
-            turn = conv.new_turn(user)
-            turn.reply = reply
-            turn.reply_tokens = self.engine.tokenize(reply) if reply else []
-            turn.interrupted = interrupted
+        for saved in turns:
+            turn = conv.new_turn(saved.user)
+            turn.reply = saved.reply
+            turn.reply_tokens = self._reply_tokens(saved)
+            turn.interrupted = saved.interrupted
             conv.close(turn)
         self.conversation = conv
+
+    def _reply_tokens(self, saved: SavedTurn) -> list[int]:
+        ids = saved.reply_tokens
+        if ids is not None:
+            try:
+                if reply_text(self.engine.pieces(ids)) == saved.reply:
+                    return list(ids)
+            except ValueError:  # ids of another vocabulary
+                pass
+        return self.engine.tokenize(saved.reply) if saved.reply else []
 
     def drop_last(self) -> Turn | None:
         """Remove the last exchange from the history and return it (None when empty)."""

@@ -1,10 +1,13 @@
 """The session file format: a conversation as JSON text, and reading such a file safely.
 
-A session file holds text only (system prompt, and each turn's message and reply). Token ids are
-not stored: they belong to one tokenizer, and a restored conversation is evaluated afresh on its
-first new turn anyway, so re-tokenizing the text costs nothing extra and works with any model.
-Every field is checked for its exact type when read: a file written by hand or by another
-program must not turn into a crash later.
+A session file holds the text (system prompt, and each turn's message and reply), which is the
+source of truth, and each reply's token ids as the model generated them. Tokenizing a reply's
+text again need not give those ids (a model may write "hel"+"lo" where the tokenizer says
+"hello"), and a conversation continues exactly as it would have, and matches its saved KV state
+(chat/kv_cache.py), only with the very ids. They are used on resume only where they decode to the
+reply's text with the loaded model; elsewhere (another model, a hand-edited reply) the text is
+tokenized again. Every field is checked for its exact type when read: a file written by hand or
+by another program must not turn into a crash later.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class SavedTurn:
     user: str
     reply: str
     interrupted: bool = False
+    reply_tokens: list[int] | None = None  # as generated (None: not known, tokenize the text)
 
 
 @dataclass
@@ -59,9 +63,7 @@ class SavedSession:
             "created": self.created,
             "updated": self.updated,
             "system": self.system,
-            "turns": [
-                {"user": t.user, "reply": t.reply, "interrupted": t.interrupted} for t in self.turns
-            ],
+            "turns": [_turn_json(t) for t in self.turns],
         }
 
     @classmethod
@@ -114,6 +116,23 @@ def _time(data: dict[str, Any], key: str) -> float:
     return seconds
 
 
+def _turn_json(turn: SavedTurn) -> dict[str, Any]:
+    out: dict[str, Any] = {"user": turn.user, "reply": turn.reply, "interrupted": turn.interrupted}
+    if turn.reply_tokens is not None:
+        out["reply_tokens"] = turn.reply_tokens
+    return out
+
+
+def _token_ids(data: Any, i: int) -> list[int] | None:
+    """A turn's reply ids: absent is fine (older files, hand-written ones), wrong is not."""
+    ids = data.get("reply_tokens")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < 2**31 for t in ids):
+        raise ValueError(f"turn {i}: 'reply_tokens' is not a list of token ids")
+    return ids
+
+
 def _turn(data: Any, i: int) -> SavedTurn:
     if not (isinstance(data, dict) and isinstance(data.get("user"), str)):
         raise ValueError(f"turn {i} lacks a 'user' or 'reply' text")
@@ -122,7 +141,7 @@ def _turn(data: Any, i: int) -> SavedTurn:
     interrupted = data.get("interrupted", False)
     if not isinstance(interrupted, bool):  # "no" must not read as true
         raise ValueError(f"turn {i}: 'interrupted' is not true or false ({_short(interrupted)})")
-    return SavedTurn(data["user"], data["reply"], interrupted)
+    return SavedTurn(data["user"], data["reply"], interrupted, _token_ids(data, i))
 
 
 def parse(text: str) -> SavedSession:

@@ -26,6 +26,9 @@ from wizardchat.cli.usage import SESSIONS
 from wizardchat.errors import ExitCode, NoModelError, UsageError
 
 if TYPE_CHECKING:
+    from wizardchat.chat.kv_cache import KvCache
+    from wizardchat.chat.recording import Recording
+    from wizardchat.chat.reply import Reply
     from wizardchat.chat.session import ChatSession
     from wizardchat.chat.store import SavedSession, SessionStore
 
@@ -33,6 +36,7 @@ ASK_EXAMPLES = """
 wizardchat ask "Why is the sky blue?" -m FILE.gguf
 git diff | wizardchat ask "Write a commit message for this." --temp 0.2
 wizardchat ask "Name three primes." --json -n 64 | jq -r .reply
+wizardchat ask --session work "And the next step?"
 """
 
 
@@ -50,47 +54,86 @@ def ask(
     plain: Annotated[
         bool, output_option("--plain", "The reply's raw text on a terminal too, no markdown.")
     ] = False,
+    session_name: Annotated[
+        str | None,
+        typer.Option(
+            "--session",
+            metavar="NAME",
+            help="Continue the saved conversation NAME (or start it) and save this turn in it.",
+            rich_help_panel=SESSIONS,
+        ),
+    ] = None,
     verbose_prompt: VerbosePromptOpt = False,
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt: the reply to stdout, the rest to stderr."""
+    from wizardchat import paths
+    from wizardchat.chat.store import SessionStore, check_name
     from wizardchat.inputs import repair_text
+
+    if session_name:
+        check_name(session_name)
 
     piped = "" if env.stdin is None or env.stdin_is_terminal else wiring.read_stdin_text(env)
     parts = [p for p in (piped.strip(), repair_text(prompt or "").strip()) if p]
     if not parts:
         raise UsageError('nothing to ask: give a prompt (wizardchat ask "...") or pipe text in')
     text = "\n\n".join(parts)
-    settings = wiring.settings(env, flags, yes=yes, can_ask=env.interactive)
+    store = SessionStore(paths.sessions_dir())
+    with contextlib.closing(store):
+        saved = _claim_saved(env, store, session_name, resume=False)
+        if flags["model"] is None and saved is not None and saved.model_ref:
+            flags = {**flags, "model": _session_model(env, saved)}
+        settings, model_ref = wiring.settings_and_model_ref(
+            env, flags, yes=yes, can_ask=env.interactive
+        )
+        with wiring.engine(env, settings, verbose_prompt) as (engine, session):
+            from wizardchat.chat.recording import Recording
+            from wizardchat.inputs import check_fits
+
+            session.progress = wiring.prompt_progress(env)
+            recording = None
+            if session_name:
+                kv = wiring.kv_cache(env, engine, settings)
+                if saved is not None:
+                    recording = _continue_saved(env, session, store, saved, model_ref, kv)
+                else:
+                    model = engine.model_name
+                    recording = Recording(store, session_name, model, model_ref=model_ref, kv=kv)
+            check_fits(text, engine.n_ctx, "input too long for the context")
+            reply = session.send(text)
+            try:
+                _answer(env, reply, engine.model_name, json_output=json_output, plain=plain)
+            finally:
+                reply.close()  # the turn is recorded however the reply ended
+                if recording is not None:
+                    recording.save(session.conversation, leaving=True)
+            if reply.result.end_mark():
+                env.say(reply.result.end_mark())  # never a silent cut or a silent empty reply
+
+
+def _answer(env: Environment, reply: Reply, model: str, *, json_output: bool, plain: bool) -> None:
+    """`ask`'s reply on stdout: one JSON object, the raw text, or markdown on a terminal."""
     out = reply_output(env)
-    with wiring.engine(env, settings, verbose_prompt) as (engine, session):
-        from wizardchat.inputs import check_fits
+    if json_output:
+        from wizardchat.chat.batch import answer_record
+        from wizardchat.safe_text import json_safe
 
-        session.progress = wiring.prompt_progress(env)
+        reply.text()
+        record = answer_record(reply.result, model)
+        out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
+    elif plain_output_wanted(env, plain):  # a pipe or file gets the reply byte for byte
+        from wizardchat.safe_text import stream_plain
 
-        check_fits(text, engine.n_ctx, "input too long for the context")
-        reply = session.send(text)
-        if json_output:
-            from wizardchat.chat.batch import answer_record
-            from wizardchat.safe_text import json_safe
+        stream_plain(reply, out)
+        out.write("\n")
+    else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
+        from rich.console import Console
 
-            reply.text()
-            record = answer_record(reply.result, engine.model_name)
-            out.write(json_safe(json.dumps(record, ensure_ascii=False)) + "\n")
-        elif plain_output_wanted(env, plain):  # a pipe or file gets the reply byte for byte
-            from wizardchat.safe_text import stream_plain
+        from wizardchat.tui.markdown_stream import stream_markdown
 
-            stream_plain(reply, out)
-            out.write("\n")
-        else:  # a terminal: as the REPL shows it (markdown, word wrap, no leading blank lines)
-            from rich.console import Console
-
-            from wizardchat.tui.markdown_stream import stream_markdown
-
-            stream_markdown(reply, Console(highlight=False))
-        out.flush()
-        if reply.result.end_mark():
-            env.say(reply.result.end_mark())  # never a silent cut or a silent empty reply
+        stream_markdown(reply, Console(highlight=False))
+    out.flush()
 
 
 RUN_EXAMPLES = r"""
@@ -150,15 +193,16 @@ def run(
             env, flags, yes=yes, can_ask=interactive
         )
         with wiring.engine(env, settings, verbose_prompt) as (engine, session):
+            kv = wiring.kv_cache(env, engine, settings)
             if not interactive:
                 _run_batch(
                     env, session, store, saved, session_name, jsonl=jsonl, resume=resume,
-                    model_ref=model_ref,
+                    model_ref=model_ref, kv=kv,
                 )  # fmt: skip
                 return
             repl = wiring.repl(
                 env, engine, session, store, plain=plain, show_stats=not no_stats,
-                model_ref=model_ref,
+                model_ref=model_ref, kv=kv,
             )  # fmt: skip
             if saved is None and session_name:
                 repl.name_session(session_name)
@@ -186,6 +230,27 @@ def _claim_saved(
     return saved
 
 
+def _continue_saved(
+    env: Environment,
+    session: ChatSession,
+    store: SessionStore,
+    saved: SavedSession,
+    model_ref: str,
+    kv: KvCache | None,
+) -> Recording:
+    """Make the saved conversation the session's, its KV state restored when it matches, and
+    keep recording it under its name (batch mode and `ask --session`)."""
+    from wizardchat.chat.recording import Recording
+
+    session.restore(saved.system, saved.turns)
+    n = len(saved.turns)
+    env.say(f"continuing '{saved.name}': {n} turn{'' if n == 1 else 's'}")
+    if kv is not None:
+        kv.restore(saved.name, session.conversation.tokens())
+    model = session.engine.model_name
+    return Recording(store, saved.name, model, saved.created, model_ref=model_ref, kv=kv)
+
+
 def _session_model(env: Environment, saved: SavedSession) -> str:
     """The model a saved session was held with, to load it again when no -m is given.
 
@@ -211,6 +276,7 @@ def _run_batch(
     jsonl: bool,
     resume: bool,
     model_ref: str,
+    kv: KvCache | None,
 ) -> None:
     """Batch mode: piped lines, saved after every reply when a session is named or resumed."""
     from wizardchat.chat import batch
@@ -221,17 +287,18 @@ def _run_batch(
     recording = None
     model = session.engine.model_name
     if saved is not None:
-        session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
-        recording = Recording(store, saved.name, model, saved.created, model_ref=model_ref)
-        n = len(saved.turns)
-        env.say(f"continuing '{saved.name}': {n} turn{'' if n == 1 else 's'}")
+        recording = _continue_saved(env, session, store, saved, model_ref, kv)
     elif session_name or resume:
         name = session_name or free_name(store)
-        recording = Recording(store, name, model, model_ref=model_ref)
+        recording = Recording(store, name, model, model_ref=model_ref, kv=kv)
     with Termination(session.cancel) as termination:
         job = batch.Batch(session, env.say, recording=recording, termination=termination)
         runner = batch.run_jsonl if jsonl else batch.run_lines
-        result = runner(job, wiring.stdin_lines(env), reply_output(env))
+        try:
+            result = runner(job, wiring.stdin_lines(env), reply_output(env))
+        finally:  # the end of input, a signal, an error: the KV state is saved with it
+            if job.recording is not None:
+                job.recording.save(session.conversation, leaving=True)
     if recording is not None and job.recording is not None and store.exists(job.recording.name):
         name = job.recording.name
         env.say(f"saved as '{name}' · {continue_command(store, name, model_ref)} continues it")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from wizardchat.cli.usage import CHAT, MODEL, OUTPUT, PERFORMANCE, flag_label
+from wizardchat.cli.usage import CHAT, MODEL, OUTPUT, PERFORMANCE, SESSIONS, flag_label
 from wizardchat.settings import Settings, field_help
 
 # Each setting's flag as an error message names it (`-c/--ctx-size`), filled in by _option.
@@ -69,12 +69,16 @@ OPTIONS: dict[str, Any] = {
     "max_tokens": _option(int, "--max-tokens", "-n", name="max_tokens", panel=CHAT),
     "rpc": _option(str, "--rpc", name="rpc", metavar="HOST:PORT[,...]"),
     "plan": _option(str, "--plan", name="plan", metavar="auto|off"),
+    "kv_cache_max_gb": _option(
+        float, "--kv-cache-max-gb", name="kv_cache_max_gb", panel=SESSIONS, metavar="GB"
+    ),
     "verbose": _option(bool, "--verbose", "-v", name="verbose", panel=OUTPUT),
 }
 SAMPLING = ("system", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
             "max_tokens")  # fmt: skip
 CHAT_OPTIONS = tuple(OPTIONS)  # ask, run (and a server): load the model and talk to it
-LOAD_OPTIONS = tuple(name for name in OPTIONS if name not in SAMPLING)  # bench: load, measure
+# bench: load and measure (no conversation, so no saved KV state either)
+LOAD_OPTIONS = tuple(name for name in OPTIONS if name not in (*SAMPLING, "kv_cache_max_gb"))
 
 
 def output_option(flag: str, text: str) -> Any:

@@ -18,6 +18,7 @@ from wizardchat.errors import BadModelError, ContextError, OutputError
 from wizardchat.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from wizardchat.chat.kv_cache import KvCache
     from wizardchat.chat.session import ChatSession
     from wizardchat.chat.store import SessionStore
     from wizardchat.engine.llama_engine import LlamaEngine
@@ -138,6 +139,18 @@ def _open_engine(
     return loaded
 
 
+def kv_cache(env: Environment, loaded: LlamaEngine, settings: Settings) -> KvCache | None:
+    """The KV states saved with sessions, under --kv-cache-max-gb (None when it is 0)."""
+    if settings.kv_cache_max_gb <= 0:
+        return None
+    from wizardchat import paths
+    from wizardchat.chat.kv_cache import KvCache
+    from wizardchat.chat.kv_store import GB, KvStore
+
+    store = KvStore(paths.kv_cache_dir(), int(settings.kv_cache_max_gb * GB))
+    return KvCache(loaded, store, env.say)
+
+
 def prompt_progress(env: Environment) -> PromptProgressLine | None:
     """The prompt's evaluation shown on stderr when it is a terminal; nothing elsewhere."""
     from wizardchat.tui.progress import PromptProgressLine
@@ -203,6 +216,7 @@ def repl(
     plain: bool,
     show_stats: bool,
     model_ref: str,
+    kv: KvCache | None,
 ) -> Repl:
     """The interactive chat: output plain or rich, the line reader, the session wired to both."""
     from wizardchat import paths
@@ -232,4 +246,6 @@ def repl(
     session.notify = out.note
     session.progress = prompt_progress(env)
     session.abort_prompt = True  # the REPL's Ctrl-C only cancels, so it may stop a prompt too
-    return Repl(session, loaded, store, reader, out, show_stats=show_stats, model_ref=model_ref)
+    return Repl(
+        session, loaded, store, reader, out, show_stats=show_stats, model_ref=model_ref, kv=kv
+    )

@@ -6,14 +6,16 @@ import dataclasses
 import re
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, Any
 
 import llama_cpp
 
-from wizardchat.engine import ggml
-from wizardchat.engine.generate import Sampling, TokenStream
+from wizardchat.engine import ggml, kv_state
+from wizardchat.engine.generate import PieceDecoder, Sampling, TokenStream
 from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
-from wizardchat.gguf_file import quant_name
+from wizardchat.engine.model_identity import fingerprint
+from wizardchat.gguf_file import quant_name, shard_paths
 from wizardchat.plan.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
 from wizardchat.plan.report import layer_ranges
 from wizardchat.settings import Settings
@@ -44,10 +46,20 @@ class LlamaEngine:
         self.model_name = self.load_plan.path.name
         offload = self.load_plan.offload
         self.fit = offload.fit if offload else None  # the fit model's placement, None when off
+        self._kv_identity: dict[str, Any] | None = None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def pieces(self, tokens: Sequence[int]) -> list[str]:
+        """Each token's text as a reply streams it (a character split over tokens comes with
+        its last byte). ValueError for an id outside the vocabulary (llama.cpp would abort)."""
+        n_vocab = self.llm.n_vocab()
+        if any(not 0 <= t < n_vocab for t in tokens):
+            raise ValueError("token id outside the vocabulary")
+        decoder = PieceDecoder(self.llm)
+        return [decoder.decode(t) for t in tokens]
 
     def stream(
         self,
@@ -105,6 +117,46 @@ class LlamaEngine:
                 if d.kind == "GPU"
             ],
         )
+
+    # --- the KV cache saved with a session (engine/kv_state.py) ----------------------------
+
+    def kv_identity(self) -> dict[str, Any]:
+        """What a saved KV state must have been made with to be valid here: this very model
+        file (its content's fingerprint), context size, KV types, attention layout, and the
+        llama.cpp that wrote it. OSError if the model file cannot be read for the fingerprint."""
+        if self._kv_identity is None:
+            plan = self.load_plan
+            self._kv_identity = {
+                "model": fingerprint(shard_paths(plan.path, self.info)),
+                "n_ctx": self.n_ctx,
+                "type_k": plan.type_k,
+                "type_v": plan.type_v,
+                "flash_attn": plan.flash_attn,
+                "llama_cpp_python": llama_cpp.__version__,
+            }
+        return dict(self._kv_identity)
+
+    def kv_held(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens`, from the first, the KV cache holds now."""
+        return kv_state.held_prefix(self.llm, tokens)
+
+    def kv_keep(self, n_tokens: int) -> int:
+        """Keep the first `n_tokens` cached positions only; return the bytes a save of them
+        would write."""
+        kv_state.trim(self.llm, n_tokens)
+        return kv_state.state_size(self.llm)
+
+    def kv_save(self, path: Path) -> list[int]:
+        """Write the cached positions to `path`; return the token ids written (KvStateError)."""
+        n = self.llm.n_tokens
+        tokens = [int(t) for t in self.llm.input_ids[:n]]
+        kv_state.save(self.llm, path)
+        return tokens
+
+    def kv_load(self, path: Path) -> list[int]:
+        """Replace the KV cache with the state in `path`; the token ids it holds (KvStateError,
+        and an empty cache, if it cannot be read)."""
+        return kv_state.load(self.llm, path, self.n_ctx)
 
     def close(self) -> None:
         """Free the model and context now rather than at interpreter exit."""

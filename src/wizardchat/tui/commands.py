@@ -8,7 +8,7 @@ save, load, change a setting, write output). The REPL implements it.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -397,21 +397,43 @@ def session_row(s: Any) -> tuple[str, str, str, str]:
     return s.name, turns, used, f"({problem})" if problem else ""
 
 
-def show_sessions(out: Output, found: list[SessionSummary]) -> bool:
+def size_text(n: int) -> str:
+    """A file size in decimal units, as disks are sold: 18.3 kB, 1.8 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def show_sessions(
+    out: Output, found: list[SessionSummary], kv_sizes: Mapping[str, int] | None = None
+) -> bool:
     """Print the table of saved sessions (SessionSummary) that `wizardchat sessions` and
     `/sessions` both show, and how to delete an unreadable one; False if there is none.
 
-    The PROBLEM column is there only when a file cannot be read.
+    With `kv_sizes` (session name -> bytes) a KV STATE column says which sessions resume
+    without re-evaluating, and what their saved state takes on disk. The PROBLEM column is
+    there only when a file cannot be read.
     """
     if not found:
         return False
-    rows = [session_row(s) for s in found]
-    if any(row[3] for row in rows):
-        out.rows([("NAME", "TURNS", "LAST USED", "PROBLEM"), *rows], header=True)
+    header: tuple[str, ...] = ("NAME", "TURNS", "LAST USED")
+    rows: list[tuple[str, ...]] = []
+    for s in found:
+        name, turns, used, problem = session_row(s)
+        row: tuple[str, ...] = (name, turns, used)
+        if kv_sizes is not None:
+            size = kv_sizes.get(s.name)
+            row += (size_text(size) if size is not None else "-",)
+        rows.append((*row, problem))
+    if kv_sizes is not None:
+        header += ("KV STATE",)
+    if any(r[-1] for r in rows):
+        out.rows([(*header, "PROBLEM"), *rows], header=True)
         broken = " ".join(s.name for s in found if s.turns is None)
         out.note(
             f"unreadable sessions are kept as they are; to delete: wizardchat sessions rm {broken}"
         )
     else:
-        out.rows([("NAME", "TURNS", "LAST USED"), *(row[:3] for row in rows)], header=True)
+        out.rows([header, *(row[:-1] for row in rows)], header=True)
     return True

@@ -35,6 +35,7 @@ from wizardchat.tui.reader import LineReader
 
 if TYPE_CHECKING:
     from wizardchat.chat.conversation import Conversation, Turn
+    from wizardchat.chat.kv_cache import KvCache
     from wizardchat.chat.reply import TurnResult
     from wizardchat.chat.session import ChatSession
     from wizardchat.chat.store import SessionSummary
@@ -139,6 +140,7 @@ class Repl:
         show_stats: bool = True,
         stdin: TextIO | None = None,
         model_ref: str = "",
+        kv: KvCache | None = None,
     ) -> None:
         self.session = session
         self.model_ref = model_ref  # saved with the conversation: what --resume loads again
@@ -155,6 +157,7 @@ class Repl:
         self.termination = Termination(session.cancel, idle=reader.stop)
         self.last_result: TurnResult | None = None  # the last reply's figures, for /stats
         self.terminated_by = 0  # exit status after a SIGTERM/SIGHUP ended the chat mid-reply
+        self.kv = kv  # the KV state saved with the session (None: not kept)
 
     # --- the conversation and its file ---------------------------------------------------
     #
@@ -199,12 +202,20 @@ class Repl:
             return None  # nothing said yet: leave no empty sessions behind
         saved = saved_session(conv, self.name, self.engine.model_name, self.created, self.model_ref)
         try:
-            return self.store.save(saved)
+            path = self.store.save(saved)
         except SessionChanged as e:
             saved.name = self._name = self._free_name(saved.name)
             path = self.store.save(saved)
             self.out.error(f"{e}: this conversation is saved as '{saved.name}' from now on")
-            return path
+        if self.kv is not None:  # /save (force) writes it now; a reply when it grew enough
+            self.kv.checkpoint(saved.name, conv.tokens(), leaving=force)
+        return path
+
+    def leave_conversation(self) -> None:
+        """The conversation is being left (exit, a signal, /load, /new, /system): its KV state
+        is saved with whatever it holds beyond the saved one."""
+        if self.kv is not None and self._name is not None and self.store.exists(self._name):
+            self.kv.checkpoint(self._name, self.session.conversation.tokens(), leaving=True)
 
     def save_as(self, name: str) -> Path | None:
         """/save NAME: this conversation is NAME from now on (an automatic file is renamed)."""
@@ -215,6 +226,8 @@ class Repl:
             )
         old = self._name if self._auto_named else None
         self.name_session(name)
+        if old is not None and old != name and self.kv is not None:
+            self.kv.rename(old, name)  # its KV state goes with it, not written again
         path = self.autosave(force=True)
         if old is not None and old != self._name and self.store.exists(old):
             self.store.remove(old)  # the automatically named copy is now the named one
@@ -234,17 +247,21 @@ class Repl:
             if not held_before:
                 claim.release()
             raise
+        self.leave_conversation()
         self.continue_session(saved)
 
     def continue_session(self, saved: SavedSession) -> None:
         """Make `saved` the conversation, and show its last exchanges."""
         self.name_session(saved.name)
-        self.session.restore(saved.system, [(t.user, t.reply, t.interrupted) for t in saved.turns])
+        self.session.restore(saved.system, saved.turns)
         self.created = saved.created or time.time()
         self.show_history(saved)
+        if self.kv is not None:
+            self.kv.restore(saved.name, self.session.conversation.tokens())
 
     def new_conversation(self, system: str | None = None) -> None:
         """A fresh conversation under a new automatic name (the old one is saved and let go)."""
+        self.leave_conversation()
         self.session.reset(system=system)
         self._name, self.created = None, time.time()
         if self._claim is not None:
@@ -324,6 +341,7 @@ class Repl:
             if resume is not None:
                 self.continue_session(resume)
             self._loop()
+        self.leave_conversation()  # exit, Ctrl-D, SIGTERM or SIGHUP: the KV state is saved too
         if self.terminated_by:
             return  # the terminal may be gone: no goodbye line
         if self._name is not None and self.store.exists(self._name):

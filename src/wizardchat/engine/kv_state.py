@@ -1,0 +1,93 @@
+"""The KV cache of sequence 0 to and from a file, with llama-cpp-python's bookkeeping kept true.
+
+llama.cpp's sequence-state file API streams the cache tensor by tensor from wherever it lives
+(CPU, GPU, RPC worker) into a file, and back; `Llama.save_state()` would copy the whole state
+into RAM three times instead. The file holds the token ids of the cached positions (magic
+`ggsq`), then the KV cells.
+
+What llama.cpp restores is only the cache. `Llama.generate` decides what to evaluate from its
+own record, `input_ids[:n_tokens]`: after a restore that record must say exactly which tokens
+the cache holds, or generate re-evaluates everything (llama.cpp#26676 is that bug in
+llama-server). No logits are saved, so `_requires_eval` makes generate decode at least one
+token before sampling. These are private attributes of llama-cpp-python: the version is pinned
+(engine/model.py checks it at load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+
+from wizardchat.engine.model import CountingLlama
+from wizardchat.errors import KvStateError
+
+SEQ = 0  # wizardchat keeps one conversation in sequence 0
+
+
+def held_prefix(llm: CountingLlama, tokens: Sequence[int]) -> int:
+    """How many of `tokens`, from the first, the KV cache holds now."""
+    held = llm.input_ids[: llm.n_tokens]
+    n = 0
+    for a, b in zip(held, tokens, strict=False):
+        if int(a) != b:
+            break
+        n += 1
+    return n
+
+
+def _memory(llm: CountingLlama) -> llama_cpp.llama_memory_t:
+    return llama_cpp.llama_get_memory(llm._ctx.ctx)
+
+
+def trim(llm: CountingLlama, n_tokens: int) -> None:
+    """Keep only the first `n_tokens` cached positions (what generate would drop anyway)."""
+    if n_tokens < llm.n_tokens:
+        llama_cpp.llama_memory_seq_rm(_memory(llm), SEQ, n_tokens, -1)
+        llm.n_tokens = n_tokens
+        llm._requires_eval = True
+
+
+def state_size(llm: CountingLlama) -> int:
+    """Bytes the cached positions take in a state file (llama.cpp counts them, copying none)."""
+    return int(llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, SEQ))
+
+
+def save(llm: CountingLlama, path: Path) -> int:
+    """Write the cached positions and their token ids to `path` (which llama.cpp creates or
+    truncates); return the bytes written. KvStateError if llama.cpp could not write it."""
+    n = llm.n_tokens
+    ids = (llama_cpp.llama_token * max(n, 1))(*(int(t) for t in llm.input_ids[:n]))
+    written = llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(path).encode(), SEQ, ids, n)
+    if not written:
+        raise KvStateError("llama.cpp could not write the state file (the log says why)")
+    return int(written)
+
+
+def load(llm: CountingLlama, path: Path, capacity: int) -> list[int]:
+    """Replace the cache with the state in `path` and return the token ids it holds.
+
+    On any failure the cache is left empty (never half a state) and KvStateError says why.
+    """
+    memory = _memory(llm)
+    llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+    llm.n_tokens = 0
+    llm._requires_eval = True
+    capacity = min(capacity, len(llm.input_ids))
+    ids = (llama_cpp.llama_token * max(capacity, 1))()
+    count = ctypes.c_size_t(0)
+    read = llama_cpp.llama_state_seq_load_file(
+        llm._ctx.ctx, str(path).encode(), SEQ, ids, capacity, ctypes.byref(count)
+    )
+    n = int(count.value)
+    if not read or n > capacity:
+        llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+        raise KvStateError("llama.cpp could not read it (another model shape, or a damaged file)")
+    tokens = list(ids[:n])
+    # The record generate() trusts: exactly the positions the cache now holds.
+    llm.input_ids[:n] = tokens
+    llm.n_tokens = n
+    llm._requires_eval = True
+    return tokens
