@@ -259,8 +259,12 @@ def test_run_help_groups_its_options_in_panels() -> None:
     chat = out.split("\nChat:\n")[1].split("\n\n")[0]
     assert "--temperature" in chat and "--system" in chat
     assert "--session NAME" in out.split("\nSessions:\n")[1].split("\n\n")[0]
+    assert "--kv-cache-max-gb" in out.split("\nSessions:\n")[1].split("\n\n")[0]
     ask = run_cli("ask", "--help").stdout
-    assert "\nChat:\n" in ask and "\nSessions:\n" not in ask and "\nOutput:\n" in ask
+    assert "\nChat:\n" in ask and "\nOutput:\n" in ask
+    sessions = ask.split("\nSessions:\n")[1].split("\n\n")[0]  # ask --session NAME continues one
+    assert "--session NAME" in sessions and "--kv-cache-max-gb" in sessions
+    assert "--kv-cache-max-gb" not in run_cli("bench", "--help").stdout  # no conversation there
 
 
 def test_bench_reps_help_says_what_it_counts() -> None:

@@ -321,6 +321,13 @@ def test_sigterm_or_closing_the_terminal_mid_reply_saves_the_partial_turn(
     assert [t["user"] for t in data["turns"]] == ["first", "tell me everything"]
     last = data["turns"][-1]
     assert last["interrupted"] is True and len(last["reply"]) > 5
+    # The KV state was saved on the way out, partial reply included: resuming evaluates only
+    # the new message.
+    r = run_cli("run", "--jsonl", "--session", "sig", "-c", "8192", "-n", "2",
+                stdin='{"prompt": "go on"}\n')  # fmt: skip
+    assert r.code == 0, r.stderr
+    assert re.search(r"^restored \d+ tokens in ", r.stderr, re.M), r.stderr
+    assert json.loads(r.stdout)["evaluated_tokens"] < 20
 
 
 def test_sigterm_at_the_prompt_exits_143_and_keeps_the_session(

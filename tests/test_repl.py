@@ -703,3 +703,33 @@ def test_commands_need_only_the_chat_context() -> None:
     ctx.last_result = TurnResult(reply="ok", completion_tokens=1, finish="eos")
     commands.find("stats").handler(ctx, "")  # type: ignore[arg-type]
     assert "finish  eos" in "\n".join(ctx.out.lines)
+
+
+def test_the_kv_state_is_saved_at_exit_and_restored_by_resume_load_and_kept_through_save_as(
+    models: Models, chats: type[Chat], isolated_home: Path
+) -> None:
+    kv = isolated_home / "data" / "kv"
+    common = ("-m", str(models.random), "--temp", "0", "-n", "8")
+    first = chats(*common, "--session", "k")
+    first.send("hello there")
+    first.send("tell me more")
+    assert not (kv / "k.kv.json").exists()  # a short chat: no write after a reply
+    assert first.exit() == 0
+    assert (kv / "k.kv.json").is_file()  # Ctrl-D saved it
+
+    second = chats(*common, "--resume")
+    assert re.search(r"restored \d+ tokens in \d+\.\d s", second.intro), second.intro
+    out = second.send("and then?")
+    assert re.search(r"\b\d+ tokens · ", out)
+    second.send("/clear")  # leaving 'k' saves its state with the new turn
+    second.send("a second conversation")
+    assert "saved as 'other'" in second.send("/save other")  # the automatic name's state moves
+    assert (kv / "other.kv.json").is_file()
+    assert not list(kv.glob("chat-*"))
+    out = second.send("/load k")
+    assert re.search(r"restored \d+ tokens in \d+\.\d s", out), out
+    assert "more to evaluate" not in out  # the state held every turn of 'k'
+    assert second.exit() == 0
+    listing = run_cli("sessions").stdout
+    assert re.search(r"^k\s+3\s.*\d kB$", listing, re.M), listing
+    assert re.search(r"^other\s+1\s.*\d kB$", listing, re.M), listing

@@ -188,6 +188,32 @@ def test_model_split_over_two_workers_generates_the_local_tokens(
 
 @real_process
 @requires_rpc
+def test_a_session_on_rpc_workers_saves_and_restores_its_kv_state(
+    models: Models, workers: list[str], isolated_home: Path
+) -> None:
+    """The state API reads the KV cache from the workers and writes it back there."""
+    prompts = ["Hello world", "Tell me more", "And then?"]
+    lines = [json.dumps({"prompt": p}) + "\n" for p in prompts]
+    common = ("run", "--jsonl", "-m", str(models.random), "-c", "512", "-t", "1",
+              "--temperature", "0", "-n", "16")  # fmt: skip
+    remote = ("--rpc", ",".join(workers))
+    first = run_cli(*common, *remote, "--session", "r", stdin="".join(lines[:2]))
+    assert first.code == 0, first.stderr[-2000:]
+    assert (isolated_home / "data" / "kv" / "r.kv.json").is_file()
+
+    resumed = run_cli(*common, *remote, "--session", "r", stdin=lines[2])
+    assert resumed.code == 0, resumed.stderr[-2000:]
+    assert re.search(r"^restored \d+ tokens in \d+\.\d s$", resumed.stderr, re.M), resumed.stderr
+    third = json.loads(resumed.stdout)
+    assert third["evaluated_tokens"] < 20  # the new message, not the history
+
+    local = run_cli(*common, stdin="".join(lines))  # one process, no workers, never stopped
+    assert local.code == 0, local.stderr
+    assert third["reply"] == json.loads(local.stdout.splitlines()[2])["reply"]
+
+
+@real_process
+@requires_rpc
 def test_ask_with_rpc_places_layers_on_the_workers_and_answers_as_locally(
     models: Models, workers: list[str]
 ) -> None:
