@@ -234,6 +234,9 @@ def test_the_budget_removes_the_least_recently_used_states(
         batch(model, [f"Hello from {name}"], *budget, session=name)
     names = sorted(p.name for p in kv_dir(isolated_home).glob("*.kv.json"))
     assert names == ["b.kv.json", "c.kv.json"]  # a, the oldest, made room
+    # The states hold a conversation's content: private whatever the umask, as sessions are.
+    assert kv_dir(isolated_home).stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in kv_dir(isolated_home).iterdir()} == {0o600}
 
     r, _ = batch(model, ["Again"], *budget, session="b")  # b is used: c is now the oldest
     assert restored(r.stderr) is not None, r.stderr
@@ -256,6 +259,15 @@ def test_a_state_too_big_for_the_budget_is_not_saved_and_said_once(
     lines = [line for line in r.stderr.splitlines() if "not saved" in line]
     assert len(lines) == 1 and "kv_cache_max_gb" in lines[0], r.stderr
     assert not list(kv_dir(isolated_home).glob("s.*"))
+
+    # A state that has grown past the budget leaves the earlier one, which still holds the start
+    # of the conversation: the next resume restores it and evaluates the rest.
+    batch(chatty[0], PROMPTS[:1], session="u")  # about 15 kB
+    r, _ = batch(chatty[0], PROMPTS[1:2], "--kv-cache-max-gb", "0.00002", session="u")
+    assert restored(r.stderr) is not None and "not saved" in r.stderr, r.stderr
+    r, _ = batch(chatty[0], PROMPTS[2:], session="u")
+    assert re.search(r"^restored [\d,]+ tokens in \d+\.\d s \([\d,]+ more to evaluate\)$",
+                     r.stderr, re.M), r.stderr  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["flag", "environment", "config"])

@@ -150,16 +150,15 @@ class KvCache:
         self._write(name, held)
 
     def _write(self, name: str, held: int) -> None:
-        self._saved.pop(name, None)
         try:
             identity = self.engine.kv_identity()
             size = self.engine.kv_keep(held)
             record = self.store.write(name, size, identity, self.engine.kv_save)
-        except OSError as e:
-            self._tell(f"KV state of '{name}' not saved: {e.strerror or e}")
-            return
-        except KvStateError as e:
-            self._tell(f"KV state of '{name}' not saved: {e}")
+        except (OSError, KvStateError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self._tell(f"KV state of '{name}' not saved: {why}")
+            if not self.store.record_path(name).exists():  # else the earlier state is kept
+                self._saved.pop(name, None)
             return
         self._saved[name] = (record.n_tokens, record.tokens_sha256)
 

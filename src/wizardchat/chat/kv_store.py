@@ -192,13 +192,14 @@ class KvStore:
         returns the token ids it holds. Older states of other sessions are removed, least
         recently used first, to keep the total within the budget. KvStateError says why a state
         was not saved (too big for the budget or the disk, or the write failed); then `name` has
-        no saved state."""
-        self.remove(name)
+        no saved state, except when it is too big for the budget: then the one saved before
+        is left as it is (it may still hold the start of the conversation)."""
         if size > self.max_bytes:
             raise KvStateError(
                 f"it would take {size / GB:.1f} GB and kv_cache_max_gb is "
                 f"{self.max_bytes / GB:g} (raise it with --kv-cache-max-gb)"
             )
+        self.remove(name)
         try:
             make_private_dir(self.directory)
             self._make_room(size)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from wizardchat.engine.model import CountingLlama
 from wizardchat.errors import KvStateError
@@ -28,14 +29,11 @@ SEQ = 0  # wizardchat keeps one conversation in sequence 0
 
 
 def held_prefix(llm: CountingLlama, tokens: Sequence[int]) -> int:
-    """How many of `tokens`, from the first, the KV cache holds now."""
-    held = llm.input_ids[: llm.n_tokens]
-    n = 0
-    for a, b in zip(held, tokens, strict=False):
-        if int(a) != b:
-            break
-        n += 1
-    return n
+    """How many of `tokens`, from the first, the KV cache holds now (numpy: a 64K-token history
+    is compared after every reply)."""
+    n = min(llm.n_tokens, len(tokens))
+    differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(tokens[:n], dtype=np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 def _memory(llm: CountingLlama) -> llama_cpp.llama_memory_t:
