@@ -48,6 +48,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     )
 
 
+@pytest.fixture(scope="session")
+def slow_prompt_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights, 32 thin layers: a 2,400-token prompt takes a second or more to evaluate
+    here (attention grows with the prompt), so a progress line shown after 0.3 s is seen at a
+    percentage. The `slow` model evaluates it in 0.3 s, which made those tests race."""
+    d = tmp_path_factory.mktemp("slow-prompt")
+    return write_model(
+        d / "slow-prompt.gguf", flavour="random", n_embd=256, n_layer=32, n_ff=64, n_ctx_train=8192
+    )
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own WIZARDCHAT_HOME and hub cache, no WIZARDCHAT_* settings from

@@ -75,16 +75,18 @@ def test_ask_into_a_pipe_stays_the_raw_reply(wide_model: Path) -> None:
 
 # --- the prompt's evaluation shows on stderr -----------------------------------------------------
 
-LONG_PROMPT = "word " * 1200  # 2,400 tokens: a second or more to evaluate on the slow model
+LONG_PROMPT = "word " * 1200  # 2,400 tokens: a second or more to evaluate (slow_prompt_model)
 PROGRESS = r"evaluating 2,\d{3} tokens… \d{1,2}%"  # a percentage: after a batch of 256
 
 
-def test_ask_shows_the_prompt_progress_on_a_terminal_then_erases_it(models) -> None:
+def test_ask_shows_the_prompt_progress_on_a_terminal_then_erases_it(
+    slow_prompt_model: Path,
+) -> None:
     env = {**os.environ, "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
     child = pexpect.spawn(
         WIZARDCHAT,
-        ["ask", LONG_PROMPT, "-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "5"],
+        ["ask", LONG_PROMPT, "-m", str(slow_prompt_model), "-c", "4096", "-b", "256", "-n", "5"],
         env=env,
         encoding="utf-8",
         dimensions=(24, 80),
@@ -103,19 +105,19 @@ def test_ask_shows_the_prompt_progress_on_a_terminal_then_erases_it(models) -> N
     assert shown.strip()  # the reply
 
 
-def test_ask_shows_no_progress_when_stderr_is_not_a_terminal(models) -> None:
-    flags = ("-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "1")
+def test_ask_shows_no_progress_when_stderr_is_not_a_terminal(slow_prompt_model: Path) -> None:
+    flags = ("-m", str(slow_prompt_model), "-c", "4096", "-b", "256", "-n", "1")
     r = run_cli("ask", LONG_PROMPT, *flags, timeout=300)
     assert r.code == 0
     assert r.stderr == "[max tokens reached]\n"  # -n 1's mark, and no progress line
 
 
 def test_batch_mode_shows_the_prompt_progress_on_a_terminal_then_erases_it(
-    models, tmp_path: Path
+    slow_prompt_model: Path, tmp_path: Path
 ) -> None:
     """`run` with piped lines and stderr on a terminal: the same line, erased the same way."""
     (tmp_path / "lines.txt").write_text(LONG_PROMPT + "\n", encoding="utf-8")
-    flags = ["-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "5"]
+    flags = ["-m", str(slow_prompt_model), "-c", "4096", "-b", "256", "-n", "5"]
     command = shlex.join([WIZARDCHAT, "run", *flags]) + " < lines.txt"
     env = {**os.environ, "TERM": "xterm-256color"}
     child = pexpect.spawn(

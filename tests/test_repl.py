@@ -497,7 +497,8 @@ def test_sessions_command_lists_and_removes(models: Models, chats: type[Chat]) -
     assert chat.exit() == 0
     listing = run_cli("sessions")
     assert listing.code == 0
-    assert re.search(r"^alpha\s+2\s+\d{4}-\d\d-\d\d \d\d:\d\d$", listing.stdout, re.M)
+    # the KV STATE column: the state Ctrl-D saved
+    assert re.search(r"^alpha\s+2\s+\d{4}-\d\d-\d\d \d\d:\d\d\s+\d+\.\d kB$", listing.stdout, re.M)
     assert run_cli("sessions", "rm", "alpha").code == 0
     missing = run_cli("sessions", "rm", "alpha")
     assert missing.code == 7 and "no session named 'alpha'" in missing.stderr

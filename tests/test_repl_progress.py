@@ -7,7 +7,6 @@ import re
 import time
 from pathlib import Path
 
-from conftest import Models
 from test_repl import Chat
 
 from wizardchat.tui.progress import PromptProgressLine
@@ -24,9 +23,11 @@ def assert_erased(raw: str) -> None:
         assert ERASED.match(last), repr(last)
 
 
-def test_repl_shows_the_prompt_progress_then_erases_it(models: Models, tmp_path: Path) -> None:
+def test_repl_shows_the_prompt_progress_then_erases_it(
+    slow_prompt_model: Path, tmp_path: Path
+) -> None:
     (tmp_path / "big.txt").write_text("word " * 1200, encoding="utf-8")  # 2,400 tokens
-    chat = Chat("-m", str(models.slow), "-c", "4096", "-b", "256", "-n", "5", cwd=tmp_path)
+    chat = Chat("-m", str(slow_prompt_model), "-c", "4096", "-b", "256", "-n", "5", cwd=tmp_path)
     try:
         chat.child.timeout = 300  # a loaded machine
         chat.child.send("/read big.txt\r")

@@ -284,7 +284,7 @@ def test_sessions_and_slash_sessions_print_the_same_table(
     listing = run_cli("sessions", timeout=30)
     assert listing.code == 0
     table = listing.stdout.splitlines()
-    assert table[0].split() == ["NAME", "TURNS", "LAST", "USED", "PROBLEM"], table
+    assert table[0].split() == ["NAME", "TURNS", "LAST", "USED", "KV", "STATE", "PROBLEM"], table
     chat = chats("-m", str(models.scripted), "--plain")
     shown = [line.rstrip() for line in chat.send("/sessions").splitlines() if line.strip()]
     shown = shown[next(i for i, line in enumerate(shown) if line.startswith("NAME")) :]

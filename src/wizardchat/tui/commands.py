@@ -85,6 +85,10 @@ class ChatContext(Protocol):
 
     def saved_sessions(self) -> list[SessionSummary]: ...
 
+    def saved_kv_sizes(self) -> Mapping[str, int]:
+        """Bytes of each session's saved KV state, by name (the KV STATE column)."""
+        ...
+
     def reply_to(self, message: str) -> None:
         """Send `message` and show the reply, as if it had been typed."""
         ...
@@ -238,7 +242,7 @@ def _load(ctx: ChatContext, arg: str) -> None:
 
 
 def _sessions(ctx: ChatContext, arg: str) -> None:
-    if not show_sessions(ctx.out, ctx.saved_sessions()):
+    if not show_sessions(ctx.out, ctx.saved_sessions(), ctx.saved_kv_sizes()):
         ctx.out.note("no saved conversations yet")
 
 

@@ -319,6 +319,16 @@ class Repl:
         """The saved conversations, newest first, for /sessions."""
         return self.store.list()
 
+    def saved_kv_sizes(self) -> dict[str, int]:
+        """The saved KV states' sizes, as `wizardchat sessions` shows them: read from the data
+        dir even when this chat keeps none (--kv-cache-max-gb 0), as the states stay there."""
+        if self.kv is not None:
+            return self.kv.store.sizes()
+        from wizardchat import paths
+        from wizardchat.chat.kv_store import KvStore
+
+        return KvStore(paths.kv_cache_dir(), 0).sizes()
+
     def drop_last(self) -> Turn | None:
         """Remove the last exchange (/undo, /regen) and return it; None when there is none."""
         return self.session.drop_last()
