@@ -708,10 +708,15 @@ def main() -> None:
         report["conversation"] = conv
     report["seconds"] = time.perf_counter() - started
     print_report(report)
-    if args.json:
+    write_json(report, args.json)
+
+
+def write_json(report: dict[str, Any], path: Path | None) -> None:
+    """The report as JSON at `path` (--json), when given; dataclasses by their as_dict()."""
+    if path is not None:
         text = json.dumps(report, indent=2, default=lambda o: o.as_dict())
-        args.json.write_text(text + "\n", encoding="utf-8")
-        print(f"results   written to {args.json}")
+        path.write_text(text + "\n", encoding="utf-8")
+        print(f"results   written to {path}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -62,6 +61,7 @@ from engine import (  # noqa: E402
     settings_for,
     table,
     verdict,
+    write_json,
 )
 from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
@@ -400,10 +400,7 @@ def main() -> None:
         engine.close()
     report["seconds"] = time.perf_counter() - started
     print_report(report)
-    if args.json:
-        out = json.dumps(report, indent=2, default=lambda o: o.as_dict())
-        args.json.write_text(out + "\n", encoding="utf-8")
-        print(f"results   written to {args.json}")
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":

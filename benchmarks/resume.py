@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import mmap
 import os
 import platform
@@ -68,6 +67,7 @@ from engine import (  # noqa: E402  (benchmarks/engine.py: the same meter, retri
     repeat,
     table,
     verdict,
+    write_json,
 )
 
 from wizardchat.chat.kv_cache import SAVE_EVERY_TOKENS, KvCache  # noqa: E402
@@ -754,10 +754,7 @@ def main() -> None:
     report["log_lines"] = log.lines
     report["seconds"] = time.perf_counter() - started
     print_report(report)
-    if args.json:
-        text = json.dumps(report, indent=2, default=lambda o: o.as_dict())
-        args.json.write_text(text + "\n", encoding="utf-8")
-        print(f"results   written to {args.json}")
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":
