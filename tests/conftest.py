@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -156,6 +157,7 @@ def _run_in_process(args: list[str], data: bytes | None, timeout: float) -> Resu
     width = {} if "COLUMNS" in os.environ else {"COLUMNS": "80"}
     code: int | str | None = 0
     faulthandler.dump_traceback_later(timeout, exit=True)
+    sigint = signal.getsignal(signal.SIGINT)  # main() ignores SIGINT as it exits: not here
     try:
         with CliRunner().isolation(input=data or b"", env=width) as (out, err, _):
             formatting.FORCED_WIDTH = None
@@ -171,6 +173,7 @@ def _run_in_process(args: list[str], data: bytes | None, timeout: float) -> Resu
             stdout, stderr = out.getvalue(), err.getvalue()
     finally:
         faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGINT, sigint)
     if not isinstance(code, int):
         code = 0 if code is None else 1
     return Result(

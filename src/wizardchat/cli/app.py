@@ -8,8 +8,10 @@ rich) are imported inside the commands that need them, so `--help` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -17,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from wizardchat import __version__
-from wizardchat.cli import chat, machine, models, sessions
+from wizardchat.cli import chat, machine, models, serve, sessions
 from wizardchat.cli.environment import Environment
 from wizardchat.cli.output import output_failed, quiet_broken_pipe, stdout_failed
 from wizardchat.cli.usage import STATE, Command, Group
@@ -138,6 +140,9 @@ _command(models.rm, models.RM_EXAMPLES)
 _command(machine.doctor, machine.DOCTOR_EXAMPLES)
 _command(machine.bench, machine.BENCH_EXAMPLES)
 _command(machine.rpc_worker, machine.RPC_WORKER_EXAMPLES, name="rpc-worker")
+_command(serve.serve, serve.SERVE_EXAMPLES)
+_command(serve.ps, serve.PS_EXAMPLES)
+_command(serve.stop, serve.STOP_EXAMPLES)
 
 sessions_app = typer.Typer(
     help="List saved conversations; sessions rm NAME deletes one.",
@@ -190,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             quiet_broken_pipe(env.stdout)
         except OSError as e:
             output_failed(e)
+        # The command is over and its exit status decided. Python's finalization puts SIGINT
+        # back to the default action, so a Ctrl-C in the last milliseconds would kill the
+        # process by signal (-2) instead of letting it exit with that status; ignored now, it
+        # cannot (finalization leaves an ignored signal ignored).
+        with contextlib.suppress(ValueError):  # not the main thread (an embedding caller)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise
 
 
