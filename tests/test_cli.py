@@ -375,8 +375,7 @@ UNKNOWN_COMMANDS = [
     (["delete"], "unknown command 'delete' (did you mean 'wizardchat rm'?)"),
     (["remove"], "unknown command 'remove' (did you mean 'wizardchat rm'?)"),
     (["modles"], "unknown command 'modles' (did you mean 'wizardchat models'?)"),
-    (["serve"], "unknown command 'serve': wizardchat has no server yet (wizardchat run chats, "
-                "wizardchat ask answers one prompt)"),
+    (["server"], "unknown command 'server' (did you mean 'wizardchat serve'?)"),
     (["frobnicate"], "unknown command 'frobnicate' (wizardchat -h lists the commands)"),
     (["sessions", "delete"], "unknown command 'sessions delete' (did you mean "
                              "'wizardchat sessions rm'?)"),

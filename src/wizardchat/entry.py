@@ -32,6 +32,9 @@ Commands:
   doctor      Show this install, this machine and the offload plan.
   bench       Measure prompt and generation speed with the current plan.
   rpc-worker  Serve this machine's devices to --rpc (llama.cpp RPC).
+  serve       Keep the model loaded: ask, run and batch mode use it.
+  ps          List the running servers (wizardchat serve).
+  stop        Stop a running server (wizardchat serve).
   sessions    List saved conversations; sessions rm NAME deletes one.
 
 Examples:

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     SESSION = 7  # a saved session is missing, unreadable or corrupt
     DOWNLOAD = 8  # the hub or the network failed, a file did not verify, or the disk is too full
     OUTPUT = 9  # stdout is closed or cannot be written (disk full, I/O error)
+    SERVER = 10  # the `wizardchat serve` in use stopped, died or cannot be reached
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -94,3 +95,9 @@ class KvStateError(WizardchatError):
     the conversation's text is the source of truth and is evaluated again instead)."""
 
     exit_code = ExitCode.SESSION
+
+
+class ServerError(WizardchatError):
+    """The `wizardchat serve` a client uses stopped, died mid-reply, or cannot be reached."""
+
+    exit_code = ExitCode.SERVER

@@ -45,6 +45,17 @@ def log_dir() -> Path:
     return Path(platformdirs.user_log_dir(APP))
 
 
+def runtime_dir() -> Path:
+    """Directory of what lives only while processes run: the registry of `wizardchat serve`
+    servers and their sockets."""
+    home = _home()
+    if home:
+        return home / "run"
+    import platformdirs
+
+    return Path(platformdirs.user_runtime_dir(APP))
+
+
 def config_file() -> Path:
     """The config file (TOML); it need not exist."""
     return config_dir() / "config.toml"

@@ -16,6 +16,8 @@ from wizardchat.cli.environment import Environment
 from wizardchat.cli.options import (
     CHAT_OPTIONS,
     Flags,
+    NoServerOpt,
+    ServerOpt,
     VerbosePromptOpt,
     YesOpt,
     output_option,
@@ -64,6 +66,8 @@ def ask(
         ),
     ] = None,
     verbose_prompt: VerbosePromptOpt = False,
+    no_server: NoServerOpt = False,
+    server: ServerOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt: the reply to stdout, the rest to stderr."""
@@ -87,7 +91,8 @@ def ask(
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=env.interactive
         )
-        with wiring.engine(env, settings, verbose_prompt) as (engine, session):
+        choice = wiring.ServerChoice(use=not no_server, target=server)
+        with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
             from wizardchat.chat.recording import Recording
             from wizardchat.inputs import check_fits
 
@@ -173,6 +178,8 @@ def run(
         bool, output_option("--jsonl", 'Batch mode: stdin lines are {"prompt": ...} objects.')
     ] = False,
     verbose_prompt: VerbosePromptOpt = False,
+    no_server: NoServerOpt = False,
+    server: ServerOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
@@ -192,7 +199,8 @@ def run(
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=interactive
         )
-        with wiring.engine(env, settings, verbose_prompt) as (engine, session):
+        choice = wiring.ServerChoice(use=not no_server, target=server)
+        with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
             kv = wiring.kv_cache(env, engine, settings)
             if not interactive:
                 _run_batch(

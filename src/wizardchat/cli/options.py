@@ -104,6 +104,23 @@ VerbosePromptOpt = Annotated[
         rich_help_panel=OUTPUT,
     ),
 ]
+NoServerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-server",
+        help="Load the model here even when a wizardchat serve of it is running.",
+        rich_help_panel=MODEL,
+    ),
+]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        metavar="SOCKET|PID",
+        help="Use this wizardchat serve (its socket path or pid; wizardchat ps lists them).",
+        rich_help_panel=MODEL,
+    ),
+]
 
 Flags = Mapping[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])

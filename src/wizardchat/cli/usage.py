@@ -222,13 +222,12 @@ HABITS: dict[str, dict[str, str]] = {
         "remove": "rm",
         "del": "rm",
         "sessions-rm": "sessions rm",
+        "server": "serve",
+        "daemon": "serve",
     },
     "wizardchat sessions": {"list": "", "ls": "", "delete": "rm", "remove": "rm", "del": "rm"},
 }
-NOT_YET = {
-    "serve": "wizardchat has no server yet (wizardchat run chats, wizardchat ask answers one "
-    "prompt)",
-}
+NOT_YET: dict[str, str] = {}  # commands users look for that do not exist yet: what to do instead
 
 
 class Group(TyperGroup):

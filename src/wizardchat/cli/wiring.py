@@ -4,11 +4,13 @@ llama.cpp's log open, the chat session, stdin as text or lines, and the REPL wit
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from wizardchat import __version__
 from wizardchat.cli.environment import Environment
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from wizardchat.chat.session import ChatSession
     from wizardchat.chat.store import SessionStore
     from wizardchat.engine.llama_engine import LlamaEngine
+    from wizardchat.serve.client import RemoteEngine
     from wizardchat.tui.progress import PromptProgressLine
     from wizardchat.tui.repl import Repl
 
@@ -88,6 +91,28 @@ def _llama_log(env: Environment, settings: Settings) -> Iterator[IO[str]]:
         yield log
 
 
+@dataclass(frozen=True)
+class ServerChoice:
+    """Whether a chat uses a running `wizardchat serve` of its model (--no-server, --server)."""
+
+    use: bool = True
+    target: str | None = None  # a socket path or pid (--server): that one or an error
+
+
+@contextmanager
+def chat_engine(
+    env: Environment, settings: Settings, verbose_prompt: bool, server: ServerChoice
+) -> Iterator[tuple[LlamaEngine | RemoteEngine, ChatSession]]:
+    """A chat's engine: a running `wizardchat serve` of the model when `server` allows and one
+    runs, else the model loaded here (engine())."""
+    remote = _attach(env, settings, server)
+    if remote is not None:
+        yield remote, _session(env, remote, settings, verbose_prompt)
+        return
+    with engine(env, settings, verbose_prompt) as pair:
+        yield pair
+
+
 @contextmanager
 def engine(
     env: Environment, settings: Settings, verbose_prompt: bool, plan_line: bool = True
@@ -102,6 +127,101 @@ def engine(
             yield loaded, _session(env, loaded, settings, verbose_prompt)
         finally:
             loaded.close()
+            from wizardchat.engine.llama_log import route_llama_log
+
+            route_llama_log(None)
+
+
+# Settings that shape the load; a server keeps its own, whatever a client asks.
+SERVER_LOAD_FIELDS = (
+    "ctx_size", "n_gpu_layers", "threads", "batch_size", "ubatch_size", "flash_attn",
+    "cache_type_k", "cache_type_v", "mlock", "mmap", "cpu_moe", "n_cpu_moe", "override_tensor",
+    "rpc", "plan",
+)  # fmt: skip
+
+
+def server_load_settings(settings: Settings) -> dict[str, Any]:
+    """The load settings a server registers (JSON: tuples as lists)."""
+    values = dataclasses.asdict(settings)
+    return {
+        k: list(values[k]) if isinstance(values[k], tuple) else values[k]
+        for k in SERVER_LOAD_FIELDS
+    }
+
+
+def _attach(env: Environment, settings: Settings, choice: ServerChoice) -> RemoteEngine | None:
+    """A RemoteEngine of the server to use, or None to load here."""
+    if not choice.use:
+        return None
+    from wizardchat.engine.reply_data import Sampling
+    from wizardchat.errors import ServerError
+    from wizardchat.serve import registry
+    from wizardchat.serve.client import RemoteEngine
+
+    assert settings.model_path is not None
+    if choice.target:
+        entry = _named_server(choice.target, registry.entries())
+    else:
+        running = registry.for_model(settings.model_path)
+        if not running:
+            return None
+        entry = running[-1]  # the newest
+    try:
+        remote = RemoteEngine(entry, Sampling.of(settings), settings.seed, env.say)
+    except ServerError as e:
+        if choice.target:
+            raise
+        env.say(f"{e}; loading the model here")
+        return None
+    if choice.target and os.path.realpath(entry.model) != os.path.realpath(settings.model_path):
+        env.say(f"--server serves {entry.model_name}, not {settings.model_path.name}: using it")
+    line = f"using wizardchat serve (pid {entry.pid})"
+    differ = _load_differences(settings, {**entry.settings, "ctx_size": remote.n_ctx})
+    if differ:
+        line += f"; it was started with {', '.join(differ)} (--no-server loads yours here)"
+    env.say(line)
+    return remote
+
+
+def _named_server(target: str, entries: list[Any]) -> Any:
+    from wizardchat.errors import ServerError
+
+    for entry in entries:
+        if target == str(entry.pid) or os.path.realpath(target) == os.path.realpath(entry.socket):
+            return entry
+    raise ServerError(f"no wizardchat serve runs as {target} (wizardchat ps lists them)")
+
+
+def _load_differences(settings: Settings, served: dict[str, Any]) -> list[str]:
+    """`-c 8192 (not 4096)` for each load setting this run asks for that the server lacks."""
+    mine = server_load_settings(settings)
+    defaults = server_load_settings(Settings())
+    out = []
+    for name in SERVER_LOAD_FIELDS:
+        asked = mine[name]
+        if name == "ctx_size":  # the server's is its context's real size: compare what -c gives
+            asked = -(-asked // 256) * 256
+        if mine[name] == defaults[name] or name not in served or served[name] == asked:
+            continue  # not asked for, or the same
+        label = FLAG_LABELS.get(name, name).split("/")[0]
+        out.append(f"{label} {_shown(served[name])} (not {_shown(mine[name])})")
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+@contextmanager
+def loader(env: Environment, settings: Settings) -> Iterator[Callable[[], LlamaEngine]]:
+    """A function that loads the model as engine() does (plan line, progress bar), for a
+    server that loads again after unloading; llama.cpp's log stays open meanwhile."""
+    with _llama_log(env, settings) as log:
+        try:
+            yield lambda: _open_engine(env, settings, log, True)
+        finally:
             from wizardchat.engine.llama_log import route_llama_log
 
             route_llama_log(None)
@@ -139,7 +259,9 @@ def _open_engine(
     return loaded
 
 
-def kv_cache(env: Environment, loaded: LlamaEngine, settings: Settings) -> KvCache | None:
+def kv_cache(
+    env: Environment, loaded: LlamaEngine | RemoteEngine, settings: Settings
+) -> KvCache | None:
     """The KV states saved with sessions, under --kv-cache-max-gb (None when it is 0)."""
     if settings.kv_cache_max_gb <= 0:
         return None
@@ -159,7 +281,7 @@ def prompt_progress(env: Environment) -> PromptProgressLine | None:
 
 
 def _session(
-    env: Environment, loaded: LlamaEngine, settings: Settings, verbose_prompt: bool
+    env: Environment, loaded: LlamaEngine | RemoteEngine, settings: Settings, verbose_prompt: bool
 ) -> ChatSession:
     from wizardchat.chat.session import ChatSession
 
@@ -209,7 +331,7 @@ def stdin_lines(env: Environment) -> Iterator[str]:
 
 def repl(
     env: Environment,
-    loaded: LlamaEngine,
+    loaded: LlamaEngine | RemoteEngine,
     session: ChatSession,
     store: SessionStore,
     *,

@@ -89,3 +89,33 @@ def load(llm: CountingLlama, path: Path, capacity: int) -> list[int]:
     llm.n_tokens = n
     llm._requires_eval = True
     return tokens
+
+
+def snapshot(llm: CountingLlama) -> tuple[ctypes.Array[ctypes.c_uint8], list[int]]:
+    """A copy in RAM of the cached positions, and the token ids they hold (KvStateError if
+    llama.cpp could not copy them)."""
+    size = state_size(llm)
+    data = (ctypes.c_uint8 * max(size, 1))()
+    copied = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, data, size, SEQ)
+    if copied != size:
+        raise KvStateError("llama.cpp could not copy the KV cache")
+    return data, [int(t) for t in llm.input_ids[: llm.n_tokens]]
+
+
+def restore_snapshot(
+    llm: CountingLlama, data: ctypes.Array[ctypes.c_uint8], tokens: Sequence[int]
+) -> None:
+    """Make a snapshot() the cache again, with the bookkeeping generate() trusts; on failure
+    the cache is left empty and KvStateError says so."""
+    memory = _memory(llm)
+    llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+    llm.n_tokens = 0
+    llm._requires_eval = True
+    n = len(tokens)
+    if n > len(llm.input_ids) or not llama_cpp.llama_state_seq_set_data(
+        llm._ctx.ctx, data, len(data), SEQ
+    ):
+        llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+        raise KvStateError("llama.cpp could not restore the KV cache copy")
+    llm.input_ids[:n] = tokens
+    llm.n_tokens = n

@@ -21,6 +21,19 @@ from wizardchat.plan.report import layer_ranges
 from wizardchat.settings import Settings
 
 
+@dataclasses.dataclass(eq=False)
+class KvSnapshot:
+    """A copy of the KV cache in RAM and the token ids it holds (LlamaEngine.kv_snapshot)."""
+
+    tokens: list[int]
+    data: Any  # a ctypes byte array
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in RAM."""
+        return len(self.data)
+
+
 class LlamaEngine:
     """llama.cpp behind the session's ChatEngine protocol."""
 
@@ -31,13 +44,7 @@ class LlamaEngine:
         self.llm, self.load_plan, self.info, self._overrides = load(
             settings, overrides, progress=progress, log=log
         )
-        self.sampling = Sampling(
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            min_p=settings.min_p,
-            repeat_penalty=settings.repeat_penalty,
-        )
+        self.sampling = Sampling.of(settings)
         self.seed = settings.seed
         self.bos = int(self.llm.token_bos())
         self.eos = int(self.llm.token_eos())
@@ -157,6 +164,20 @@ class LlamaEngine:
         """Replace the KV cache with the state in `path`; the token ids it holds (KvStateError,
         and an empty cache, if it cannot be read)."""
         return kv_state.load(self.llm, path, self.n_ctx)
+
+    @property
+    def kv_cached(self) -> int:
+        """How many positions the KV cache holds now."""
+        return int(self.llm.n_tokens)
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """The KV cache copied into RAM, to switch back to later (KvStateError)."""
+        data, tokens = kv_state.snapshot(self.llm)
+        return KvSnapshot(tokens, data)
+
+    def kv_restore_snapshot(self, snap: KvSnapshot) -> None:
+        """Make `snap` the KV cache again (KvStateError, and an empty cache, on failure)."""
+        kv_state.restore_snapshot(self.llm, snap.data, snap.tokens)
 
     def close(self) -> None:
         """Free the model and context now rather than at interpreter exit."""
