@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 from conftest import WIZARDCHAT, Models, run_cli
 from test_repl import Chat, clean
@@ -379,3 +380,25 @@ def test_without_the_conversation_cache_each_turn_evaluates_its_history(
         r = ask(text, *flags, "--session", name)
         evaluated.append(int(json.loads(r.stdout)["evaluated_tokens"]))
     assert evaluated[2] > 300  # what the cache copies save
+
+
+def test_the_repl_ends_with_one_line_when_its_server_dies_mid_reply(
+    models: Models, servers: Any, isolated_home: Path
+) -> None:
+    server = servers(models.slow, "-c", "8192")
+    chat = Chat("-m", str(models.slow), "-n", "100000", "--session", "r")
+    try:
+        chat.child.send("tell me everything\r")
+        chat.expect("everything")
+        chat.expect(r"[^\s\x1b]{20}")  # the reply is streaming
+        server.proc.kill()
+        server.proc.wait(10)
+        chat.expect(r"wizardchat: error: wizardchat serve \(pid \d+\) stopped during the reply")
+        chat.child.expect(pexpect.EOF)
+        chat.child.close()
+        assert chat.child.exitstatus == 10
+        assert "Traceback" not in str(chat.child.before)
+        saved = json.loads((isolated_home / "data" / "sessions" / "r.json").read_text())
+        assert [t["user"] for t in saved["turns"]] == ["tell me everything"]
+    finally:
+        chat.kill()

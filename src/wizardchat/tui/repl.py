@@ -27,7 +27,7 @@ from wizardchat.chat.store import (
     auto_name,
     check_name,
 )
-from wizardchat.errors import WizardchatError
+from wizardchat.errors import ServerError, WizardchatError
 from wizardchat.signals import Termination, undo_on_fatal_exit
 from wizardchat.tui import commands
 from wizardchat.tui.output import Output, plural, stats_line
@@ -381,6 +381,8 @@ class Repl:
                 self.handle(text)
             except commands.LeaveRepl:
                 break
+            except ServerError:
+                raise  # the server that held the model is gone: no reply can come any more
             except WizardchatError as e:
                 self.out.error(str(e))
             except KeyboardInterrupt:  # a command (not a reply: that Ctrl-C only cancels)
