@@ -402,3 +402,13 @@ def test_the_repl_ends_with_one_line_when_its_server_dies_mid_reply(
         assert [t["user"] for t in saved["turns"]] == ["tell me everything"]
     finally:
         chat.kill()
+
+
+def test_a_second_server_of_the_same_model_is_refused(models: Models, servers: Any) -> None:
+    server = servers(models.scripted)
+    r = run_cli("serve", "-m", str(models.scripted))
+    assert r.code == 10
+    assert r.stderr == (
+        f"wizardchat: error: wizardchat serve (pid {server.pid}) already serves scripted.gguf "
+        f"(wizardchat stop {server.pid} ends it)\n"
+    )

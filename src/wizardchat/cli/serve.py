@@ -76,6 +76,13 @@ def serve(
     idle = parse_keep_alive(keep_alive)
     settings = wiring.settings(env, flags, yes=yes, can_ask=env.interactive)
     assert settings.model_path is not None
+    running = registry.for_model(settings.model_path)
+    if running:  # a second copy of 80 GB in memory would only push the first out
+        other = running[0]
+        raise ServerError(
+            f"wizardchat serve (pid {other.pid}) already serves {other.model_name} "
+            f"(wizardchat stop {other.pid} ends it)"
+        )
     entry = registry.new_entry(
         os.getpid(), settings.model_path, wiring.server_load_settings(settings)
     )
