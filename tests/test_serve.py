@@ -346,7 +346,7 @@ def test_sigterm_on_the_server_ends_the_reply_and_removes_its_socket(
     assert server.wait() == 0
     _out, err = client.communicate(timeout=30)
     assert client.returncode == 0, err  # the reply ended, marked, as a Ctrl-C would end it
-    assert "[interrupted]" in err.decode()
+    assert "[interrupted" in err.decode()  # mid-reply, or before its first token on a busy machine
     assert f"wizardchat serve (pid {server.pid}) is stopping: the reply ends here" in err.decode()
     assert not Path(server.entry.socket).exists() and registry.entries() == []
 

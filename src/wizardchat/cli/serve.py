@@ -16,12 +16,14 @@ from wizardchat.cli.options import LOAD_OPTIONS, Flags, YesOpt, settings_options
 from wizardchat.errors import ServerError, UsageError
 
 if TYPE_CHECKING:
+    from wizardchat.serve.http_api import HttpOptions
     from wizardchat.serve.registry import ServerEntry
 
 SERVE_EXAMPLES = """
 wizardchat serve -m FILE.gguf                 load once; ask and run use it
 wizardchat serve -ncmoe 8 --keep-alive 2h     unload after 2 hours idle
 wizardchat serve --keep-alive -1              never unload
+wizardchat serve --http 8080                  and an OpenAI-compatible API on 127.0.0.1:8080
 """
 
 DEFAULT_KEEP_ALIVE = "30m"
@@ -67,13 +69,41 @@ def serve(
             "coming back evaluates only its new message (0: off).",
         ),
     ] = DEFAULT_CONVERSATION_CACHE_GB,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            metavar="[HOST:]PORT",
+            help="Also serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+            "/v1/models) there; the host is 127.0.0.1 unless given (port 0: a free one).",
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Let --http listen on an address other machines reach (needs an API key).",
+        ),
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            metavar="KEY",
+            help="Require `Authorization: Bearer KEY` on every HTTP request (the environment "
+            "variable WIZARDCHAT_API_KEY keeps it out of the process list).",
+        ),
+    ] = None,
     yes: YesOpt = False,
 ) -> None:
     """Keep the model loaded: ask, run and batch mode use it."""
+    import contextlib
+
     from wizardchat.serve import registry
     from wizardchat.serve.server import EngineServer
 
     idle = parse_keep_alive(keep_alive)
+    http_options = _http_options(env, http, allow_remote=allow_remote, api_key=api_key)
     settings = wiring.settings(env, flags, yes=yes, can_ask=env.interactive)
     assert settings.model_path is not None
     running = registry.for_model(settings.model_path)
@@ -83,10 +113,15 @@ def serve(
             f"wizardchat serve (pid {other.pid}) already serves {other.model_name} "
             f"(wizardchat stop {other.pid} ends it)"
         )
+    # Bound before the load, so a port in use fails at once; it listens once the model is in.
+    listener, address = http_options.listen() if http_options else (None, None)
     entry = registry.new_entry(
-        os.getpid(), settings.model_path, wiring.server_load_settings(settings)
+        os.getpid(),
+        settings.model_path,
+        wiring.server_load_settings(settings),
+        http=str(address) if address else "",
     )
-    with wiring.loader(env, settings) as load:
+    with listener or contextlib.nullcontext(), wiring.loader(env, settings) as load:
         server = EngineServer(
             load,
             entry,
@@ -106,11 +141,39 @@ def serve(
                 f"serving {entry.model_name} (pid {entry.pid}, {forever}); wizardchat ask and "
                 "run use it · Ctrl-C or wizardchat stop ends it"
             )
-            server.serve()
+            if http_options is None or listener is None or address is None:
+                server.serve()
+            else:
+                from wizardchat.serve.http_api import serving
+
+                with serving(server, listener, http_options, system=settings.system):
+                    env.say(f"OpenAI-compatible API on {address.url}")
+                    server.serve()  # returns once stopped; then uvicorn is shut down
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     env.say(f"stopped serving {entry.model_name}")
+
+
+def _http_options(
+    env: Environment, http: str | None, *, allow_remote: bool, api_key: str | None
+) -> HttpOptions | None:
+    """`--http`, `--allow-remote` and the key (the flag, else WIZARDCHAT_API_KEY), checked
+    before anything loads; None without --http. UsageError without the serve extra."""
+    if http is None:
+        if allow_remote or api_key is not None:
+            raise UsageError("--allow-remote and --api-key go with --http [HOST:]PORT")
+        return None
+    try:
+        from wizardchat.serve import http_api
+    except ModuleNotFoundError as e:  # starlette, uvicorn or one of theirs is not installed
+        if (e.name or "").partition(".")[0] in {"starlette", "uvicorn", "anyio", "h11"}:
+            raise UsageError(
+                "--http needs the serve extra: pip install 'wizardchat[serve]'"
+            ) from None
+        raise
+    key = api_key if api_key is not None else env.environ.get(http_api.API_KEY_ENV)
+    return http_api.HttpOptions.of(http, allow_remote=allow_remote, api_key=key or None)
 
 
 def _stop_signals() -> list[int]:
