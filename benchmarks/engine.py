@@ -307,12 +307,19 @@ def wait_for_quiet(limit: float) -> None:
             return
 
 
-def repeat(reps: int, budget_s: float, run: Callable[[int], T | None], c: Contention) -> list[T]:
+def repeat(
+    reps: int,
+    budget_s: float,
+    run: Callable[[int], T | None],
+    c: Contention,
+    meter_factory: Callable[[], CpuMeter] = CpuMeter,
+) -> list[T]:
     """`reps` results of `run(i)` (None: cut short), each on a quiet machine if possible.
 
     A run during which other processes took CPU time, or which was cut short, is done again
     until `budget_s` is spent; then the least contended complete run stands in if no clean
-    one was had, and counts as contended in `c`.
+    one was had, and counts as contended in `c`. `meter_factory` says what counts as this
+    run's own CPU time (a benchmark of subprocesses counts theirs too).
     """
     deadline = time.perf_counter() + budget_s
     kept: list[T] = []
@@ -320,7 +327,7 @@ def repeat(reps: int, budget_s: float, run: Callable[[int], T | None], c: Conten
     attempt = 0
     while len(kept) < reps:
         wait_for_quiet(min(QUIET_WAIT_S, max(0.0, deadline - time.perf_counter())))
-        meter = CpuMeter()
+        meter = meter_factory()
         result = run(attempt)
         load = meter.foreign_cores()
         attempt += 1

@@ -73,15 +73,14 @@ from engine import (  # noqa: E402  (benchmarks/engine.py: the same model, meter
     MAX_FOREIGN_CORES,
     N_CTX,
     PROMPT_TEXT,
-    QUIET_WAIT_S,
     Contention,
     CpuMeter,
     LogCounter,
     cpu_name,
+    repeat,
     settings_for,
     table,
     verdict,
-    wait_for_quiet,
     write_json,
 )
 from resume import resident_fraction  # noqa: E402
@@ -163,34 +162,9 @@ def repeat_tree(
     c: Contention,
     pids: tuple[int, ...] = (),
 ) -> list[T]:
-    """engine.repeat's rules (redo what others disturbed, within `budget_s`; the least
-    contended run stands in when no clean one was had) with TreeMeter: engine.repeat's meter
-    would count the server and the `ask` subprocesses as other processes and redo every run."""
-    deadline = time.perf_counter() + budget_s
-    kept: list[T] = []
-    fallback: tuple[T, float] | None = None
-    attempt = 0
-    while len(kept) < reps:
-        wait_for_quiet(min(QUIET_WAIT_S, max(0.0, deadline - time.perf_counter())))
-        meter = TreeMeter(pids)
-        result = run(attempt)
-        load = meter.foreign_cores()
-        attempt += 1
-        if result is not None and load <= MAX_FOREIGN_CORES:
-            kept.append(result)
-            c.kept_loads.append(load)
-        else:
-            c.redone += 1
-            if result is not None and (fallback is None or load < fallback[1]):
-                fallback = result, load
-        if time.perf_counter() > deadline:
-            break
-    if not kept:
-        if fallback is None:
-            raise SystemExit(f"the machine is too busy: no complete run in {budget_s:.0f} s")
-        kept.append(fallback[0])
-        c.kept_loads.append(fallback[1])
-    return kept
+    """engine.repeat with TreeMeter: its default meter would count the server and the `ask`
+    subprocesses as other processes and redo every run."""
+    return repeat(reps, budget_s, run, c, meter_factory=lambda: TreeMeter(pids))
 
 
 # --- servers ------------------------------------------------------------------------------------
