@@ -1,7 +1,8 @@
 """`wizardchat serve --http`: the OpenAI-compatible API, used through the official `openai` client.
 
 Real processes throughout: `wizardchat serve --http 127.0.0.1:0` on a generated model, the
-`openai` package (and httpx, for what it hides) as the client, `wizardchat ask` as the reference.
+`openai` package as the client (and httpx2, the HTTP client under it and huggingface_hub, for
+what openai hides), `wizardchat ask` as the reference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import pytest
 from conftest import Models, run_cli
@@ -180,7 +181,7 @@ def test_bad_requests_are_400_in_openai_shape(models: Models, servers: Any) -> N
         )
     with pytest.raises(openai.BadRequestError):
         chat(server, top_p=0)
-    with httpx.Client(timeout=TIMEOUT) as http:
+    with httpx2.Client(timeout=TIMEOUT) as http:
         url = f"{base_url(server)}/chat/completions"
         for body in (b"{not json", b"[1, 2]", b'{"messages": "Hi"}'):
             r = http.post(url, content=body)
@@ -210,7 +211,7 @@ def test_with_a_key_every_request_needs_it_and_it_is_never_shown(
     with pytest.raises(openai.AuthenticationError) as wrong:
         chat(server, key="sk-wrong")
     assert wrong.value.status_code == 401
-    with httpx.Client(timeout=TIMEOUT) as http:
+    with httpx2.Client(timeout=TIMEOUT) as http:
         assert http.get(f"{base_url(server)}/models").status_code == 401  # no key at all
     assert chat(server, key=KEY).choices[0].message.content == SCRIPT
     assert [m.id for m in client(server, KEY).models.list().data] == ["scripted.gguf"]
@@ -285,7 +286,7 @@ def test_without_the_serve_extra_http_is_one_line(
 # --- cancelling ---------------------------------------------------------------------------------
 
 
-def stream_a_while(server: Server, http: httpx.Client) -> tuple[httpx.Response, Iterator[str]]:
+def stream_a_while(server: Server, http: httpx2.Client) -> tuple[httpx2.Response, Iterator[str]]:
     """A reply of the whole context streaming on `http`, some of it read; the response and its
     line iterator, which the caller keeps (dropping it would close the response early)."""
     body = {"model": "any", "messages": [{"role": "user", "content": "go on and on"}],
@@ -302,11 +303,11 @@ def stream_a_while(server: Server, http: httpx.Client) -> tuple[httpx.Response, 
 def test_clients_gone_mid_stream_and_in_line_free_the_server(models: Models, servers: Any) -> None:
     # A whole 32K context takes the slow model a minute or more: only a cancel ends it sooner.
     server = servers(models.slow, *HTTP, "-c", "32768")
-    with httpx.Client(timeout=TIMEOUT) as http:
+    with httpx2.Client(timeout=TIMEOUT) as http:
         streaming, _lines = stream_a_while(server, http)
         body = {"model": "any", "messages": [{"role": "user", "content": "me too"}],
                 "max_tokens": 100000}  # fmt: skip
-        with pytest.raises(httpx.ReadTimeout):  # in line behind the stream, then gone
+        with pytest.raises(httpx2.ReadTimeout):  # in line behind the stream, then gone
             http.post(f"{base_url(server)}/chat/completions", json=body, timeout=1.5)
         deadline = time.monotonic() + 5
         while server.status()["waiting"]:  # its turn will not come
@@ -326,7 +327,7 @@ def test_clients_gone_mid_stream_and_in_line_free_the_server(models: Models, ser
 def test_stopping_the_server_ends_an_open_stream_and_the_api(models: Models, servers: Any) -> None:
     server = servers(models.slow, *HTTP, "-c", "32768")
     url = base_url(server)
-    with httpx.Client(timeout=TIMEOUT) as http:
+    with httpx2.Client(timeout=TIMEOUT) as http:
         body = {"model": "any", "messages": [{"role": "user", "content": "go"}],
                 "max_tokens": 100000, "stream": True}  # fmt: skip
         with http.stream("POST", f"{url}/chat/completions", json=body) as response:
@@ -340,5 +341,5 @@ def test_stopping_the_server_ends_an_open_stream_and_the_api(models: Models, ser
         assert events[-1]["error"]["code"] == "stopping"
         assert rest[-1] == "data: [DONE]"
     assert server.wait() == 0
-    with pytest.raises(httpx.ConnectError), httpx.Client(timeout=5) as http:
+    with pytest.raises(httpx2.ConnectError), httpx2.Client(timeout=5) as http:
         http.get(f"{url}/models")
