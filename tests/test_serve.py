@@ -19,7 +19,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import WIZARDCHAT, Models, run_cli
+from conftest import WIZARDCHAT, Models, run_cli, run_process
 from test_repl import Chat, clean
 
 from wizardchat.serve import registry
@@ -411,4 +411,20 @@ def test_a_second_server_of_the_same_model_is_refused(models: Models, servers: A
     assert r.stderr == (
         f"wizardchat: error: wizardchat serve (pid {server.pid}) already serves scripted.gguf "
         f"(wizardchat stop {server.pid} ends it)\n"
+    )
+
+
+def test_ps_without_xdg_runtime_dir_prints_no_library_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No WIZARDCHAT_HOME and no XDG_RUNTIME_DIR (ssh sessions, containers, cron): platformdirs
+    # falls back to a directory of its own and warns about it; the user asked for a list.
+    monkeypatch.delenv("WIZARDCHAT_HOME")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    for key in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(key, str(tmp_path / "user"))
+    listed = run_process("ps")
+    assert listed.code == 0
+    assert listed.stderr.strip() == (
+        "no wizardchat serve is running (wizardchat serve -m FILE.gguf starts one)"
     )

@@ -51,9 +51,15 @@ def runtime_dir() -> Path:
     home = _home()
     if home:
         return home / "run"
+    import warnings
+
     import platformdirs
 
-    return Path(platformdirs.user_runtime_dir(APP))
+    # Without XDG_RUNTIME_DIR (ssh, containers, cron) platformdirs warns, on stderr, that it
+    # falls back to a private directory of its own; that fallback is what wizardchat wants.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP))
 
 
 def config_file() -> Path:
