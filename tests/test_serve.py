@@ -259,8 +259,9 @@ def test_ps_lists_and_stop_ends_a_server_cleanly(models: Models, servers: Any) -
     assert listed.code == 0
     header, row = listed.stdout.splitlines()
     assert header.split() == ["PID", "MODEL", "STATE", "MEMORY", "IDLE", "WAITING", "REPLIES",
-                              "SOCKET"]  # fmt: skip
+                              "HTTP", "SOCKET"]  # fmt: skip
     assert row.split()[:3] == [str(server.pid), "scripted.gguf", "loaded"]
+    assert row.split()[-2:] == ["-", server.entry.socket]  # no --http
     socket_path = Path(server.entry.socket)
     assert socket_path.exists() and (socket_path.stat().st_mode & 0o777) == 0o600
     stopped = run_cli("stop", str(server.pid))

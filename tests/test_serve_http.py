@@ -64,6 +64,8 @@ def test_models_and_a_chat_reply_whole_and_streamed(models: Models, servers: Any
     server = servers(models.scripted, *HTTP)
     assert f"OpenAI-compatible API on {base_url(server)}" in server.stderr()
     assert server.status()["http"] == server.entry.http
+    listed_servers = run_cli("ps").stdout.splitlines()[1].split()
+    assert listed_servers[-2:] == [base_url(server), server.entry.socket]
     listed = client(server).models.list()
     assert [(m.id, m.owned_by) for m in listed.data] == [("scripted.gguf", "wizardchat")]
 

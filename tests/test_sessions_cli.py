@@ -160,13 +160,13 @@ def test_an_old_session_with_a_base_name_still_loads(
     ],
 )
 def test_a_hub_reference_is_kept_as_given(given: str, kept: str, tmp_path: Path) -> None:
-    from wizardchat.chat.recording import model_reference
+    from wizardchat.hub.catalog import model_reference
 
     assert model_reference(given, tmp_path / "snapshot" / "x.gguf") == kept
 
 
 def test_a_path_is_kept_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wizardchat.chat.recording import model_reference
+    from wizardchat.hub.catalog import model_reference
 
     monkeypatch.chdir(tmp_path)
     assert model_reference("m.gguf", Path("m.gguf")) == str(tmp_path / "m.gguf")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from pathlib import Path
@@ -30,18 +29,6 @@ def saved_session(
         created=created,
         model_ref=model_ref,
     )
-
-
-def model_reference(given: str, path: Path) -> str:
-    """What a session keeps to load its model again: a hub reference as it was given (it finds
-    the file wherever the hub cache is), or the absolute path of the file (a relative one would
-    depend on the working directory of the next run)."""
-    from wizardchat.hub.catalog import parse_ref
-
-    text = given.strip()
-    if isinstance(parse_ref(text), Path):
-        return os.path.abspath(path.expanduser())
-    return text
 
 
 def continue_command(store: SessionStore, name: str, model_ref: str) -> str:

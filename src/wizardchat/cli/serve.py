@@ -195,13 +195,13 @@ def ps(env: Environment) -> None:
         env.say("no wizardchat serve is running (wizardchat serve -m FILE.gguf starts one)")
         return
     rows: list[tuple[str, ...]] = [
-        ("PID", "MODEL", "STATE", "MEMORY", "IDLE", "WAITING", "REPLIES", "SOCKET")
+        ("PID", "MODEL", "STATE", "MEMORY", "IDLE", "WAITING", "REPLIES", "HTTP", "SOCKET")
     ]
     for entry in running:
         status = _status(entry)
         if status is None:
             rows.append((str(entry.pid), entry.model_name, "not answering", "-", "-", "-", "-",
-                         entry.socket))  # fmt: skip
+                         _api_url(entry), entry.socket))  # fmt: skip
             continue
         state = "replying" if status["busy"] else "loaded" if status["loaded"] else "unloaded"
         rows.append(
@@ -213,10 +213,16 @@ def ps(env: Environment) -> None:
                 _duration(float(status["idle_seconds"])),
                 str(status["waiting"]),
                 str(status["replies"]),
+                _api_url(entry),
                 entry.socket,
             )
         )
     PlainOutput(env.stdout, env.stderr).rows(rows, header=True)
+
+
+def _api_url(entry: ServerEntry) -> str:
+    """Where `serve --http` answers, as OpenAI clients take it; "-" without --http."""
+    return f"http://{entry.http}/v1" if entry.http else "-"
 
 
 def _status(entry: ServerEntry) -> dict[str, Any] | None:

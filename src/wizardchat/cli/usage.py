@@ -21,7 +21,9 @@ from typer._click import exceptions as click_errors
 from typer._click.core import Context, Parameter
 from typer._click.decorators import option
 from typer._click.formatting import HelpFormatter, join_options
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+from wizardchat.cli.plain_values import use_plain_values
 
 ClickUsageError = click_errors.UsageError
 NoArgsIsHelpError = click_errors.NoArgsIsHelpError
@@ -190,12 +192,23 @@ def _write_examples(epilog: str | None, formatter: HelpFormatter) -> None:
             formatter.write(f"{'':>{formatter.current_indent}}{line}".rstrip() + "\n")
 
 
+def _plain_help(help_option: TyperOption | None) -> TyperOption | None:
+    if help_option is not None:
+        use_plain_values([help_option])
+    return help_option
+
+
 class Command(TyperCommand):
     """A wizardchat command: readable help, `--debug` accepted after the command name."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _add_debug_option(self)
+        use_plain_values(self.params)
+
+    def get_help_option(self, ctx: Context) -> TyperOption | None:
+        """-h/--help, made when first asked for, with the plain conversion too."""
+        return _plain_help(super().get_help_option(ctx))
 
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         """The usage line's arguments without typer's braces and doubled brackets."""
@@ -237,6 +250,11 @@ class Group(TyperGroup):
         super().__init__(*args, **kwargs)
         if not any("--debug" in p.opts for p in self.params):
             _add_debug_option(self)
+        use_plain_values(self.params)
+
+    def get_help_option(self, ctx: Context) -> TyperOption | None:
+        """-h/--help, made when first asked for, with the plain conversion too."""
+        return _plain_help(super().get_help_option(ctx))
 
     def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
         """The command `args[0]` names; a usage error that suggests one if there is none."""

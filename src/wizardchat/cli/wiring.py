@@ -41,23 +41,25 @@ def settings_and_model_ref(
     loaded = load_settings(flags, environ=env.environ, labels=FLAG_LABELS)
     if closed_at_start(env.stdout):  # before minutes of loading, not after
         raise OutputError("cannot write output: stdout is closed")
-    from wizardchat.engine.offload import detect_machine
-    from wizardchat.hub.catalog import DEFAULT_FAMILY
-    from wizardchat.hub.resolve import resolve_model
+    from wizardchat.hub.catalog import DEFAULT_FAMILY, model_reference, parse_ref
 
     given = loaded.model or DEFAULT_FAMILY
-    path = resolve_model(
-        given,
-        yes=yes,
-        can_ask=can_ask,
-        confirm=env.confirm,
-        err=env.stderr,
-        machine=detect_machine,
-    )
+    found = parse_ref(given)
+    # A file needs nothing found or downloaded: the hub's and the planner's code stays unloaded
+    # (a tenth of the start-up of an `ask` that a running server answers).
+    path = found if isinstance(found, Path) else _resolve(env, given, yes=yes, can_ask=can_ask)
     check_model_file(path)
-    from wizardchat.chat.recording import model_reference
-
     return dataclasses.replace(loaded, model=str(path)), model_reference(given, path)
+
+
+def _resolve(env: Environment, given: str, *, yes: bool, can_ask: bool) -> Path:
+    from wizardchat.engine.offload import detect_machine
+    from wizardchat.hub.resolve import resolve_model
+
+    return resolve_model(
+        given, yes=yes, can_ask=can_ask, confirm=env.confirm, err=env.stderr,
+        machine=detect_machine,
+    )  # fmt: skip
 
 
 def check_model_file(path: Path) -> None:

@@ -12,6 +12,7 @@ Everything here is pure: no network, no disk.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -284,3 +285,13 @@ def choose_quant(quants: dict[str, Quant], ref: ModelRef, budget: int | None) ->
 def sort_quants(quants: dict[str, Quant]) -> list[str]:
     """Quant names from the largest to the smallest."""
     return sorted(quants, key=lambda name: -quants[name].size)
+
+
+def model_reference(given: str, path: Path) -> str:
+    """What a session keeps to load its model again: a hub reference as it was given (it finds
+    the file wherever the hub cache is), or the absolute path of the file (a relative one would
+    depend on the working directory of the next run)."""
+    text = given.strip()
+    if isinstance(parse_ref(text), Path):
+        return os.path.abspath(path.expanduser())
+    return text

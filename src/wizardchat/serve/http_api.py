@@ -40,19 +40,24 @@ from wizardchat.chat.reply import Reply
 from wizardchat.engine.generate import GenerationStats, TokenStream
 from wizardchat.engine.llama_engine import LlamaEngine
 from wizardchat.errors import ServerError, UsageError, WizardchatError
-from wizardchat.inputs import repair_text
+from wizardchat.serve.openai_requests import (
+    ApiError,
+    Params,
+    StopStrings,
+    bad_request,
+    parse_messages,
+    parse_params,
+    parse_prompt,
+)
 from wizardchat.serve.server import EngineServer, _RequestError
-from wizardchat.settings import RANGES, Bounds
 
 API_KEY_ENV = "WIZARDCHAT_API_KEY"
 DEFAULT_HOST = "127.0.0.1"
 MAX_BODY_BYTES = 8 << 20  # a request body past this is refused (413) before it is parsed
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat replies fill the context
-MAX_STOPS = 16
 DISCONNECT_POLL_SECONDS = 0.25  # how soon a client gone before its reply starts is noticed
 START_TIMEOUT_SECONDS = 30.0
 SHUTDOWN_SECONDS = 10.0
-ROLES = {"system", "developer", "user", "assistant"}  # "developer": OpenAI's newer "system"
 
 
 # --- where it listens ---------------------------------------------------------------------------
@@ -187,43 +192,10 @@ def serving(
 # --- errors in OpenAI's shape --------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """A request answered with an error: its HTTP status and OpenAI's error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.code = code
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        """`{"error": {...}}` as OpenAI sends it."""
-        return {
-            "error": {
-                "message": str(self),
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        """The error as an HTTP response."""
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
+def error_response(error: ApiError) -> JSONResponse:
+    """An ApiError as an HTTP response."""
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 STOPPING = ApiError(503, "the server is stopping", kind="server_error", code="stopping")
@@ -233,12 +205,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (404, 405) in OpenAI's shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-    return ApiError(status, str(detail), code="not_found" if status == 404 else None).response()
+    code = "not_found" if status == 404 else None
+    return error_response(ApiError(status, str(detail), code=code))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """A bug: a 500 in OpenAI's shape (uvicorn logs the traceback)."""
-    return ApiError(500, "internal error", kind="server_error").response()
+    return error_response(ApiError(500, "internal error", kind="server_error"))
 
 
 class _KeyCheck:
@@ -255,7 +228,7 @@ class _KeyCheck:
                 "a valid API key is required (Authorization: Bearer KEY)",
                 code="invalid_api_key",
             )
-            await error.response()(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -290,186 +263,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
-        raise _bad("the request body is not valid JSON") from None
+        raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise bad_request("the request body must be a JSON object")
     return body
 
 
-def _value(body: dict[str, Any], name: str, bounds: Bounds, *, integer: bool) -> Any:
-    """A numeric field within `bounds` (None when absent); ApiError (400) otherwise."""
-    value = body.get(name)
-    if value is None:
-        return None
-    kinds = int if integer else int | float
-    if not isinstance(value, kinds) or isinstance(value, bool) or not bounds.allows(value):
-        what = "an integer" if integer else "a number"
-        raise _bad(f"'{name}' must be {what}, {bounds.rule}", name)
-    return value
-
-
-def _text(value: Any, param: str) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"'{param}' must be a string", param)
-    return repair_text(value)  # a lone surrogate in JSON would break the tokenizer's UTF-8
-
-
-@dataclass(frozen=True)
-class Params:
-    """What a completion request asks for besides its prompt."""
-
-    max_tokens: int | None
-    sampling: dict[str, Any]
-    seed: int | None
-    stops: tuple[str, ...]
-    stream: bool
-    include_usage: bool
-
-
-def parse_params(body: dict[str, Any], defaults: dict[str, Any], max_tokens: int | None) -> Params:
-    """The sampling, length, stop and streaming fields of a request (ApiError: 400)."""
-    if body.get("n") not in (None, 1):
-        raise _bad("only n=1 is supported", "n")
-    if body.get("echo"):
-        raise _bad("echo is not supported", "echo")
-    length = Bounds(1, 2**31 - 1, f"1 to {2**31 - 1}")
-    limit = _value(body, "max_completion_tokens", length, integer=True)
-    if limit is None:
-        limit = _value(body, "max_tokens", length, integer=True)
-    sampling = dict(defaults)
-    # top_k, min_p and repeat_penalty are llama.cpp's, taken as llama-cpp-python's server does.
-    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
-        value = _value(body, name, RANGES[name], integer=name == "top_k")
-        if value is not None:
-            sampling[name] = value
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS:
-        raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool | None):
-        raise _bad("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    return Params(
-        max_tokens=limit if limit is not None else max_tokens,
-        sampling=sampling,
-        seed=_value(body, "seed", RANGES["seed"], integer=True),
-        stops=tuple(s for s in (_text(s, "stop") for s in stops) if s),
-        stream=bool(stream),
-        include_usage=bool(options.get("include_usage")),
-    )
-
-
-@dataclass(frozen=True)
-class ChatMessages:
-    """A chat request's messages as the Vicuna format has them: the system prompt, the closed
-    (user, assistant) exchanges, and the user message to answer."""
-
-    system: str | None
-    history: list[tuple[str, str]]
-    last: str
-
-
-def _content(message: dict[str, Any], param: str) -> str:
-    """A message's text: a string, or OpenAI's list of text parts."""
-    content = message.get("content")
-    if content is None and message.get("role") == "assistant":
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _bad("only text content parts are supported", f"{param}.content[{i}]")
-            parts.append(_text(part.get("text"), f"{param}.content[{i}].text"))
-        return "".join(parts)
-    return _text(content, f"{param}.content")
-
-
-def parse_messages(body: dict[str, Any]) -> ChatMessages:
-    """`messages` as Vicuna turns (ApiError, 400, for what they cannot be): system messages,
-    wherever they are, make the system prompt; consecutive messages of one role are joined by a
-    blank line; the last must be the user's."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    if body.get("tools") or body.get("functions"):
-        raise _bad("tools and functions are not supported", "tools")
-    system: list[str] = []
-    turns: list[tuple[str, list[str]]] = []  # (role, texts), roles alternating
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(f"'{param}' must be an object", param)
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(f"'{param}.role' must be one of system, user, assistant", f"{param}.role")
-        text = _content(message, param)
-        if role in ("system", "developer"):
-            system.append(text)
-        elif turns and turns[-1][0] == role:
-            turns[-1][1].append(text)
-        elif role == "assistant" and not turns:
-            raise _bad(f"'{param}': an assistant message must follow a user message", param)
-        else:
-            turns.append((str(role), [text]))
-    if not turns or turns[-1][0] != "user":
-        raise _bad(
-            "the last message must be the user's (a final assistant message to continue is "
-            "not supported)",
-            "messages",
-        )
-    texts = ["\n\n".join(t) for _, t in turns]
-    history = list(zip(texts[:-1:2], texts[1:-1:2], strict=True))
-    return ChatMessages("\n\n".join(system) if system else None, history, texts[-1])
-
-
-def parse_prompt(body: dict[str, Any]) -> str:
-    """`prompt` of /v1/completions: a string (or a list of one string)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string", "prompt")
-    return _text(prompt, "prompt")
-
-
 # --- one reply, on a worker thread ---------------------------------------------------------------
-
-
-class StopStrings:
-    """Holds back text that may begin a stop string, and cuts the text at the first one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.held = ""
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        """Add text; return what is now sure to come before any stop string."""
-        if self.stopped:
-            return ""
-        self.held += text
-        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            out, self.held = self.held[: min(found)], ""
-            return out
-        keep = 0  # the longest end of the text that is the start of a stop string
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.held)), keep, -1):
-                if self.held.endswith(stop[:k]):
-                    keep = k
-                    break
-        out = self.held[: len(self.held) - keep]
-        self.held = self.held[len(out) :]
-        return out
-
-    def flush(self) -> str:
-        """The text held back (the reply ended without a stop string)."""
-        out, self.held = self.held, ""
-        return out
 
 
 @dataclass(frozen=True)
@@ -613,12 +413,8 @@ class Api:
     async def model_info(self, request: Request) -> Response:
         """GET /v1/models/{id}."""
         if request.path_params["model"] != self.model:
-            return ApiError(
-                404,
-                f"no model {request.path_params['model']!r} here",
-                code="model_not_found",
-                param="model",
-            ).response()
+            missing = f"no model {request.path_params['model']!r} here"
+            return error_response(ApiError(404, missing, code="model_not_found", param="model"))
         return JSONResponse(self._model_object())
 
     async def chat(self, request: Request) -> Response:
@@ -628,7 +424,7 @@ class Api:
             messages = parse_messages(body)
             params = parse_params(body, self.defaults, None)
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         except ClientDisconnect:
             return Response(status_code=400)
         system = self.system if messages.system is None else messages.system
@@ -658,7 +454,7 @@ class Api:
             text = parse_prompt(body)
             params = parse_params(body, self.defaults, COMPLETIONS_MAX_TOKENS)
         except ApiError as e:
-            return e.response()
+            return error_response(e)
         except ClientDisconnect:
             return Response(status_code=400)
         return await self._respond(
@@ -687,7 +483,7 @@ class Api:
         if first is None:
             return Response(status_code=499)  # the client is gone: nobody reads this
         if first.error is not None:
-            return first.error.response()
+            return error_response(first.error)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         reply = _Shape(ident, self.model, chat)
         if params.stream:
@@ -695,7 +491,7 @@ class Api:
         texts: list[str] = []
         while (event := await self._next(job, request)) is not None:
             if event.error is not None:
-                return event.error.response()
+                return error_response(event.error)
             if event.kind == "text":
                 texts.append(event.text)
             elif event.kind == "end":
