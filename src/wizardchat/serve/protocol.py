@@ -36,16 +36,8 @@ class LineReader:
         """The next message; None at a clean end of the connection. socket.timeout (TimeoutError)
         passes through with nothing lost, so a caller can poll."""
         while True:
-            end = self._buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buf[:end])
-                del self._buf[: end + 1]
-                try:
-                    message = json.loads(line)
-                except ValueError as e:
-                    raise ProtocolError(f"not a JSON message ({e})") from None
-                if not isinstance(message, dict):
-                    raise ProtocolError("a message is not a JSON object")
+            message = self.buffered()
+            if message is not None:
                 return message
             if len(self._buf) > MAX_LINE:
                 raise ProtocolError("a message over 64 MiB")
@@ -55,3 +47,18 @@ class LineReader:
                     raise ProtocolError("the connection ended in the middle of a message")
                 return None
             self._buf += chunk
+
+    def buffered(self) -> dict[str, Any] | None:
+        """The next message if it has already been received whole, else None (no waiting)."""
+        end = self._buf.find(b"\n")
+        if end < 0:
+            return None
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        try:
+            message = json.loads(line)
+        except ValueError as e:
+            raise ProtocolError(f"not a JSON message ({e})") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("a message is not a JSON object")
+        return message
