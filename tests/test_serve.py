@@ -342,12 +342,12 @@ def test_sigterm_on_the_server_ends_the_reply_and_removes_its_socket(
         env=os.environ.copy(),
     )  # fmt: skip
     assert client.stdout is not None
-    wait_busy(server)
+    client.stdout.read(1)  # the reply is streaming
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait() == 0
     _out, err = client.communicate(timeout=30)
     assert client.returncode == 0, err  # the reply ended, marked, as a Ctrl-C would end it
-    assert "[interrupted" in err.decode()  # mid-reply, or before its first token on a busy machine
+    assert "[interrupted]" in err.decode()
     assert f"wizardchat serve (pid {server.pid}) is stopping: the reply ends here" in err.decode()
     assert not Path(server.entry.socket).exists() and registry.entries() == []
 
