@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     DOWNLOAD = 8  # the hub or the network failed, a file did not verify, or the disk is too full
     OUTPUT = 9  # stdout is closed or cannot be written (disk full, I/O error)
     SERVER = 10  # the `wizardchat serve` in use stopped, died or cannot be reached
+    ENDPOINT = 11  # the --endpoint server cannot be reached, refused, or broke or cut a reply
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -101,3 +102,10 @@ class ServerError(WizardchatError):
     """The `wizardchat serve` a client uses stopped, died mid-reply, or cannot be reached."""
 
     exit_code = ExitCode.SERVER
+
+
+class EndpointError(WizardchatError):
+    """The OpenAI-compatible server of --endpoint cannot be reached, refused a request, or
+    broke, stalled or cut a reply."""
+
+    exit_code = ExitCode.ENDPOINT

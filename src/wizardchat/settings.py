@@ -63,6 +63,7 @@ RANGES: dict[str, Bounds] = {
     "seed": Bounds(-1, MAX_SEED, f"-1 to {MAX_SEED}"),
     "max_tokens": Bounds(-1, 2**31 - 1, f"-1 or 1 to {2**31 - 1}", holes=(0,)),
     "kv_cache_max_gb": Bounds(0, 1_000_000, "0 (off) to 1000000"),
+    "endpoint_timeout": Bounds(0, 86_400, "above 0, at most 86400", low_open=True),
 }
 
 
@@ -116,6 +117,19 @@ class Settings:
         "the least recently used go first; 0 = off.",
     )
     verbose: bool = _opt(False, "Send llama.cpp's log to stderr instead of the log file.")
+    endpoint: str | None = _opt(
+        None,
+        "Chat through this OpenAI-compatible server instead of loading a model "
+        "(http://HOST:PORT/v1: vLLM, llama-server, llama-cpp-python's, wizardchat serve --http).",
+    )
+    endpoint_model: str | None = _opt(
+        None, "The model to ask --endpoint for (default: the first it serves)."
+    )
+    endpoint_timeout: float = _opt(
+        120.0,
+        "Seconds --endpoint may send nothing before a reply is given up (a long prompt on a "
+        "busy server takes a while before its first token).",
+    )
 
     @property
     def model_path(self) -> Path | None:

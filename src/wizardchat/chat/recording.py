@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from wizardchat.chat.kv_cache import KvCache
 
 
+def _model_ids(ids: list[int]) -> list[int] | None:
+    """A reply's ids as saved: None for the placeholders of a text API (--endpoint: the server
+    gave text, not ids; endpoint/engine.TextIds), which no model could read back."""
+    return list(ids) if all(0 <= t < 2**31 for t in ids) else None
+
+
 def saved_session(
     conversation: Conversation, name: str, model: str, created: float, model_ref: str = ""
 ) -> SavedSession:
@@ -22,7 +28,7 @@ def saved_session(
         name=name,
         system=conversation.system,
         turns=[
-            SavedTurn(t.user, t.reply, t.interrupted, list(t.reply_tokens))
+            SavedTurn(t.user, t.reply, t.interrupted, _model_ids(t.reply_tokens))
             for t in conversation.turns
         ],
         model=model,

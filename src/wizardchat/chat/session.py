@@ -38,6 +38,7 @@ class ChatEngine(Protocol):
         cancel: threading.Event,
         abort_prompt: bool = False,
         progress: PromptProgress | None = None,
+        text: str | None = None,  # the prompt as the Vicuna string: what a text API is sent
     ) -> TokenStreamLike: ...
 
 
@@ -127,8 +128,9 @@ class ChatSession:
         if evicted:
             self.notify(eviction_note(evicted, len(conv.window()), len(conv.turns)))
         prompt = conv.prompt(turn)
+        text = conv.text(turn)
         if self.show_prompt:
-            self.show_prompt(conv.text(turn), len(prompt))
+            self.show_prompt(text, len(prompt))
         self.cancel_event.clear()
         budget = conv.max_reply_tokens(turn, self.max_tokens)
         stream = self.engine.stream(
@@ -137,6 +139,7 @@ class ChatSession:
             self.cancel_event,
             abort_prompt=self.abort_prompt,
             progress=self.progress,
+            text=text,
         )
         return Reply(
             turn,

@@ -15,6 +15,7 @@ from wizardchat.cli import wiring
 from wizardchat.cli.environment import Environment
 from wizardchat.cli.options import (
     CHAT_OPTIONS,
+    ApiKeyOpt,
     Flags,
     NoServerOpt,
     ServerOpt,
@@ -68,6 +69,7 @@ def ask(
     verbose_prompt: VerbosePromptOpt = False,
     no_server: NoServerOpt = False,
     server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt: the reply to stdout, the rest to stderr."""
@@ -91,7 +93,7 @@ def ask(
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=env.interactive
         )
-        choice = wiring.ServerChoice(use=not no_server, target=server)
+        choice = wiring.ServerChoice(use=not no_server, target=server, api_key=api_key)
         with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
             from wizardchat.chat.recording import Recording
             from wizardchat.inputs import check_fits
@@ -180,6 +182,7 @@ def run(
     verbose_prompt: VerbosePromptOpt = False,
     no_server: NoServerOpt = False,
     server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
@@ -199,7 +202,7 @@ def run(
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=interactive
         )
-        choice = wiring.ServerChoice(use=not no_server, target=server)
+        choice = wiring.ServerChoice(use=not no_server, target=server, api_key=api_key)
         with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
             kv = wiring.kv_cache(env, engine, settings)
             if not interactive:

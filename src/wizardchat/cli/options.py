@@ -73,12 +73,23 @@ OPTIONS: dict[str, Any] = {
         float, "--kv-cache-max-gb", name="kv_cache_max_gb", panel=SESSIONS, metavar="GB"
     ),
     "verbose": _option(bool, "--verbose", "-v", name="verbose", panel=OUTPUT),
+    "endpoint": _option(str, "--endpoint", name="endpoint", panel=MODEL, metavar="URL"),
+    "endpoint_model": _option(
+        str, "--endpoint-model", name="endpoint_model", panel=MODEL, metavar="NAME"
+    ),
+    "endpoint_timeout": _option(
+        float, "--endpoint-timeout", name="endpoint_timeout", panel=MODEL, metavar="SECONDS"
+    ),
 }
 SAMPLING = ("system", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
             "max_tokens")  # fmt: skip
 CHAT_OPTIONS = tuple(OPTIONS)  # ask, run (and a server): load the model and talk to it
+# ask and run only: `serve` and `bench` load their own model.
+ENDPOINT = ("endpoint", "endpoint_model", "endpoint_timeout")
 # bench: load and measure (no conversation, so no saved KV state either)
-LOAD_OPTIONS = tuple(name for name in OPTIONS if name not in (*SAMPLING, "kv_cache_max_gb"))
+LOAD_OPTIONS = tuple(
+    name for name in OPTIONS if name not in (*SAMPLING, *ENDPOINT, "kv_cache_max_gb")
+)
 
 
 def output_option(flag: str, text: str) -> Any:
@@ -118,6 +129,17 @@ ServerOpt = Annotated[
         "--server",
         metavar="SOCKET|PID",
         help="Use this wizardchat serve (its socket path or pid; wizardchat ps lists them).",
+        rich_help_panel=MODEL,
+    ),
+]
+
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        metavar="KEY",
+        help="The --endpoint's API key, sent as a Bearer token and never shown "
+        "(default: WIZARDCHAT_API_KEY, then OPENAI_API_KEY).",
         rich_help_panel=MODEL,
     ),
 ]

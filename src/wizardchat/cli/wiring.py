@@ -23,10 +23,13 @@ if TYPE_CHECKING:
     from wizardchat.chat.kv_cache import KvCache
     from wizardchat.chat.session import ChatSession
     from wizardchat.chat.store import SessionStore
+    from wizardchat.endpoint.engine import EndpointEngine
     from wizardchat.engine.llama_engine import LlamaEngine
     from wizardchat.serve.client import RemoteEngine
     from wizardchat.tui.progress import PromptProgressLine
     from wizardchat.tui.repl import Repl
+
+    ChatBackend = LlamaEngine | RemoteEngine | EndpointEngine  # what a chat's replies come from
 
 
 def settings(env: Environment, flags: Flags, *, yes: bool, can_ask: bool) -> Settings:
@@ -41,6 +44,8 @@ def settings_and_model_ref(
     loaded = load_settings(flags, environ=env.environ, labels=FLAG_LABELS)
     if closed_at_start(env.stdout):  # before minutes of loading, not after
         raise OutputError("cannot write output: stdout is closed")
+    if loaded.endpoint:  # the server has the model: nothing to find here
+        return loaded, ""
     from wizardchat.hub.catalog import DEFAULT_FAMILY, model_reference, parse_ref
 
     given = loaded.model or DEFAULT_FAMILY
@@ -99,14 +104,23 @@ class ServerChoice:
 
     use: bool = True
     target: str | None = None  # a socket path or pid (--server): that one or an error
+    api_key: str | None = None  # --api-key, for --endpoint
 
 
 @contextmanager
 def chat_engine(
     env: Environment, settings: Settings, verbose_prompt: bool, server: ServerChoice
-) -> Iterator[tuple[LlamaEngine | RemoteEngine, ChatSession]]:
-    """A chat's engine: a running `wizardchat serve` of the model when `server` allows and one
-    runs, else the model loaded here (engine())."""
+) -> Iterator[tuple[ChatBackend, ChatSession]]:
+    """A chat's engine: the --endpoint server when one is set, a running `wizardchat serve` of
+    the model when `server` allows and one runs, else the model loaded here (engine())."""
+    if settings.endpoint:
+        from wizardchat.endpoint.engine import open_endpoint
+
+        environ = env.environ
+        key = server.api_key or environ.get("WIZARDCHAT_API_KEY") or environ.get("OPENAI_API_KEY")
+        served = open_endpoint(settings, key, env.say)
+        yield served, _session(env, served, settings, verbose_prompt)
+        return
     remote = _attach(env, settings, server)
     if remote is not None:
         yield remote, _session(env, remote, settings, verbose_prompt)
@@ -261,17 +275,18 @@ def _open_engine(
     return loaded
 
 
-def kv_cache(
-    env: Environment, loaded: LlamaEngine | RemoteEngine, settings: Settings
-) -> KvCache | None:
-    """The KV states saved with sessions, under --kv-cache-max-gb (None when it is 0)."""
-    if settings.kv_cache_max_gb <= 0:
+def kv_cache(env: Environment, loaded: ChatBackend, settings: Settings) -> KvCache | None:
+    """The KV states saved with sessions, under --kv-cache-max-gb (None when it is 0, and
+    through --endpoint, whose server keeps its cache to itself)."""
+    if settings.kv_cache_max_gb <= 0 or settings.endpoint:
         return None
     from wizardchat import paths
     from wizardchat.chat.kv_cache import KvCache
     from wizardchat.chat.kv_store import GB, KvStore
+    from wizardchat.endpoint.engine import EndpointEngine
 
     store = KvStore(paths.kv_cache_dir(), int(settings.kv_cache_max_gb * GB))
+    assert not isinstance(loaded, EndpointEngine)
     return KvCache(loaded, store, env.say)
 
 
@@ -283,7 +298,7 @@ def prompt_progress(env: Environment) -> PromptProgressLine | None:
 
 
 def _session(
-    env: Environment, loaded: LlamaEngine | RemoteEngine, settings: Settings, verbose_prompt: bool
+    env: Environment, loaded: ChatBackend, settings: Settings, verbose_prompt: bool
 ) -> ChatSession:
     from wizardchat.chat.session import ChatSession
 
@@ -333,7 +348,7 @@ def stdin_lines(env: Environment) -> Iterator[str]:
 
 def repl(
     env: Environment,
-    loaded: LlamaEngine | RemoteEngine,
+    loaded: ChatBackend,
     session: ChatSession,
     store: SessionStore,
     *,

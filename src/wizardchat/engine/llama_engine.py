@@ -55,9 +55,10 @@ class LlamaEngine:
         self.fit = offload.fit if offload else None  # the fit model's placement, None when off
         self._kv_identity: dict[str, Any] | None = None
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters."""
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters
+        (`special`: it is the end-of-sequence token, as in a raw prompt of the HTTP API)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def pieces(self, tokens: Sequence[int]) -> list[str]:
         """Each token's text as a reply streams it (a character split over tokens comes with
@@ -75,8 +76,10 @@ class LlamaEngine:
         cancel: threading.Event,
         abort_prompt: bool = False,
         progress: EvalProgress | None = None,
+        text: str | None = None,
     ) -> TokenStream:
-        """A token stream for one reply (`progress` hears how the prompt's evaluation goes)."""
+        """A token stream for one reply (`progress` hears how the prompt's evaluation goes;
+        `text`, the prompt as a string, is for engines that take text: the ids are the prompt)."""
         return TokenStream(
             self.llm, prompt, self.sampling, max_tokens, cancel, abort_prompt, progress
         )

@@ -48,6 +48,7 @@ from wizardchat.serve.openai_requests import (
     parse_messages,
     parse_params,
     parse_prompt,
+    parse_tokenize,
 )
 from wizardchat.serve.server import EngineServer, _RequestError
 
@@ -391,6 +392,7 @@ class Api:
                 Route("/v1/models/{model:path}", self.model_info, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
             ],
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
@@ -404,6 +406,7 @@ class Api:
             "object": "model",
             "created": self.created,
             "owned_by": "wizardchat",
+            "max_model_len": self.server.info.get("n_ctx"),  # vLLM's field: the context length
         }
 
     async def models(self, request: Request) -> Response:
@@ -459,10 +462,33 @@ class Api:
             return Response(status_code=400)
         return await self._respond(
             request,
-            lambda engine: Prompt([engine.bos, *engine.tokenize(text)], None),
+            # A raw prompt's `</s>` is the end-of-sequence token, as llama-server and
+            # llama-cpp-python's server read it: the Vicuna string of a chat holds them.
+            lambda engine: Prompt([engine.bos, *engine.tokenize(text, special=True)], None),
             params,
             chat=False,
         )
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize, as llama-server has it: `{"content": TEXT, "add_special": false}` ->
+        `{"tokens": [...]}` (special tokens in the text parsed, as /v1/completions does)."""
+        try:
+            body = await _json_body(request)
+            text = parse_tokenize(body)
+        except ApiError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        add_bos = body.get("add_special") is True
+
+        def tokens() -> list[int]:
+            with self.server.holding() as engine:
+                return [engine.bos] * add_bos + engine.tokenize(text, special=True)
+
+        try:
+            return JSONResponse({"tokens": await asyncio.to_thread(tokens)})
+        except _RequestError:
+            return error_response(STOPPING)
 
     # --- the reply ---------------------------------------------------------------------------
 

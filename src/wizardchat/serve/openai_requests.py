@@ -196,6 +196,11 @@ def parse_prompt(body: dict[str, Any]) -> str:
     return _text(prompt, "prompt")
 
 
+def parse_tokenize(body: dict[str, Any]) -> str:
+    """`content` of /tokenize (llama-server's shape)."""
+    return _text(body.get("content"), "content")
+
+
 class StopStrings:
     """Holds back text that may begin a stop string, and cuts the text at the first one."""
 
