@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 from conftest import Models, run_cli
+from test_repl import Chat, clean
 from test_serve import servers
 
 pytestmark = pytest.mark.real_process
@@ -320,3 +322,45 @@ def _session_files(name: str) -> list[str]:
     from wizardchat import paths
 
     return [str(p) for p in paths.sessions_dir().glob(f"{name}*.json")]
+
+
+@pytest.mark.parametrize("kind", ["llama_cpp", "wizardchat"])
+def test_the_repl_through_the_endpoint_stops_on_ctrl_c_regenerates_and_shows_it(
+    models: Models, endpoint_of: Callable[[str, Path], str], kind: str
+) -> None:
+    url = endpoint_of(kind, models.slow)
+    # llama_cpp.server generates on after its client has gone, up to max_tokens (at about 60
+    # tokens/s here, its first token after a second or two): 400 keep the next request's wait
+    # short; wizardchat serve --http stops.
+    n = "400" if kind == "llama_cpp" else "100000"
+    chat = Chat("--endpoint", url, "-n", n, "--seed", "3")
+    try:
+        assert f"at {url}" in chat.banner
+        chat.child.send("tell me everything\r")
+        chat.expect("everything")
+        time.sleep(3 if kind == "llama_cpp" else 1)  # the reply is streaming
+        chat.child.sendcontrol("c")
+        out = clean(chat.wait_prompt())
+        assert "[interrupted]" in out and "Traceback" not in out
+        chat.send("/set max_tokens 5")
+        out = chat.send("/regen")
+        # The count is the stream's pieces: llama_cpp.server may split a token's bytes over two.
+        assert "[max tokens reached]" in out and re.search(r"\n[5-9] tokens · ", out), out
+        shown = " ".join(chat.send("/show").split())  # rows wrap at 80 columns
+        assert url in shown and "(the first it serves)" in shown
+        assert re.search(r"tokens counted by\s+the server's tokenizer", shown), shown
+        stats = chat.send("/stats")
+        assert "tok/s" in stats, stats
+        assert chat.exit() == 0
+    finally:
+        chat.kill()
+
+
+def test_a_long_chat_through_the_endpoint_evicts_old_turns_and_says_so(fake: Fake) -> None:
+    lines = "".join(f"message number {i} with a few words in it\n" for i in range(12))
+    r = ok("run", "--endpoint", fake.url, "-c", "200", stdin=lines)
+    assert r.stdout == (SCRIPT + "\n\n") * 12
+    assert "context full: the model no longer sees the" in r.stderr, r.stderr
+    prompts = [b["prompt"] for b in fake.bodies]
+    assert "message number 0 " not in prompts[-1] and "message number 11 " in prompts[-1]
+    assert max(len(p.encode()) for p in prompts) <= 200 * 3  # the estimate errs high

@@ -208,7 +208,10 @@ class EndpointEngine:
         self.endpoint = endpoint
         self.stall_seconds = stall_seconds
         self.model = model
-        self.model_name = model.name
+        # llama-cpp-python's server names its model by the file's path: the file name says it.
+        self.model_name = (
+            model.name.rsplit("/", 1)[-1] if model.name.startswith("/") else model.name
+        )
         self.n_ctx = n_ctx
         self.n_ctx_source = n_ctx_source
         self.sampling = sampling
@@ -243,7 +246,7 @@ class EndpointEngine:
         if text is None:
             text = "".join(self.pieces(prompt))
         body: dict[str, Any] = {
-            "model": self.model_name,
+            "model": self.model.name,
             "prompt": text,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -275,7 +278,7 @@ class EndpointEngine:
         chosen = " (the first it serves)" if self.model.chosen_by_default else ""
         return [
             ("endpoint", self.endpoint.url),
-            ("model", f"{self.model_name}{chosen}"),
+            ("model", f"{self.model.name}{chosen}"),
             ("context", f"{self.n_ctx:,} tokens ({self.n_ctx_source})"),
             ("tokens counted by", self.count.source or "the server's tokenizer, when first asked"),
         ]
@@ -304,6 +307,8 @@ class EndpointStream:
         self.body = body
         self.cancel = cancel
         self.stats = GenerationStats(prompt_tokens=n_prompt, evaluated_tokens=n_prompt)
+        self._text: list[str] = []
+        self._counted = False  # the server said how many tokens it generated
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         engine, stats = self.engine, self.stats
@@ -335,6 +340,7 @@ class EndpointStream:
                     )
                 piece = choice.get("text") or ""
                 if piece:
+                    self._text.append(piece)
                     now = time.perf_counter()
                     if stats.completion_tokens == 0:
                         first_at = now
@@ -345,6 +351,14 @@ class EndpointStream:
                 finish = choice.get("finish_reason")
                 if finish:
                     stats.finish = "length" if finish == "length" else "eos"
+            events.close()  # before asking the server anything more: it may wait for this
+            if not self._counted and self._text and not self.cancel.is_set():
+                # llama-cpp-python's server sends no usage: the limit it stopped at, or the
+                # text counted again (it may tokenize a little differently than generated).
+                if stats.finish == "length":
+                    stats.completion_tokens = int(self.body["max_tokens"])
+                else:
+                    stats.completion_tokens = max(1, engine.count("".join(self._text)))
             if self.cancel.is_set():
                 stats.finish = "interrupted"
             elif not stats.finish:
@@ -367,6 +381,7 @@ class EndpointStream:
             self.stats.prompt_tokens = self.stats.evaluated_tokens = int(prompt)
         if _positive(completion):
             self.stats.completion_tokens = int(completion)
+            self._counted = True
 
 
 def open_endpoint(

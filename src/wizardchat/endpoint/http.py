@@ -12,6 +12,7 @@ quotes a header or a URL's credentials.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import queue
@@ -218,31 +219,36 @@ class EventStream:
 
     def _read(self) -> None:
         try:
-            while not self._closed.is_set():
-                line = self.response.readline(MAX_EVENT + 1)
-                if not line:
-                    self._events.put(("end", None))
-                    return
-                if len(line) > MAX_EVENT:
-                    self._events.put(("error", "an event line over 1 MiB"))
-                    return
-                text = line.decode("utf-8", errors="replace").strip()
-                if not text.startswith("data:"):
-                    continue  # blank separators, `event:`, `id:`, `:` comments (keep-alives)
-                data = text[5:].strip()
-                if data == "[DONE]":
-                    self._events.put(("done", None))
-                    return
-                try:
-                    self._events.put(("event", json.loads(data)))
-                except ValueError:
-                    self._events.put(("error", "an event that is not JSON"))
-                    return
+            self._read_events()
         except TimeoutError:  # the socket's timeout is the stall time
             self._events.put(("stall", None))
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except Exception as e:  # closed under readline(): http.client breaks in any way
             if not self._closed.is_set():
                 self._events.put(("error", f"the connection failed ({e.__class__.__name__})"))
+        finally:
+            self.conn.close()  # here, not in close(): never under this thread's readline()
+
+    def _read_events(self) -> None:
+        while not self._closed.is_set():
+            line = self.response.readline(MAX_EVENT + 1)
+            if not line:
+                self._events.put(("end", None))
+                return
+            if len(line) > MAX_EVENT:
+                self._events.put(("error", "an event line over 1 MiB"))
+                return
+            text = line.decode("utf-8", errors="replace").strip()
+            if not text.startswith("data:"):
+                continue  # blank separators, `event:`, `id:`, `:` comments (keep-alives)
+            data = text[5:].strip()
+            if data == "[DONE]":
+                self._events.put(("done", None))
+                return
+            try:
+                self._events.put(("event", json.loads(data)))
+            except ValueError:
+                self._events.put(("error", "an event that is not JSON"))
+                return
 
     def events(self, cancel: threading.Event, poll: float = 0.05) -> Iterator[dict[str, Any]]:
         """Each event as it comes; returns at `[DONE]`, at the end of the answer, or as soon as
@@ -278,14 +284,13 @@ class EventStream:
         )
 
     def close(self) -> None:
-        """Stop reading: the connection is closed, which tells the server to stop generating."""
+        """Stop reading: the connection is shut down, which tells the server to stop
+        generating; the reading thread ends on it and closes the connection."""
         self._closed.set()
-        try:
-            if self.conn.sock is not None:
-                self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.conn.close()
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def open_stream(
