@@ -364,3 +364,23 @@ def test_a_long_chat_through_the_endpoint_evicts_old_turns_and_says_so(fake: Fak
     prompts = [b["prompt"] for b in fake.bodies]
     assert "message number 0 " not in prompts[-1] and "message number 11 " in prompts[-1]
     assert max(len(p.encode()) for p in prompts) <= 200 * 3  # the estimate errs high
+
+
+def test_doctor_checks_an_endpoint_as_a_chat_would_use_it(
+    models: Models, servers: Any, fake: Fake
+) -> None:
+    server = servers(models.scripted, "--http", "127.0.0.1:0")
+    url = f"http://{server.entry.http}/v1"
+    report = json.loads(ok("doctor", "--endpoint", url, "--json").stdout)
+    assert report["model"] == "scripted.gguf" and report["context_tokens"] == 4096
+    assert report["token_counting"] == "the server's tokenizer (llama-server's /tokenize)"
+    assert report["one_token_reply"] == " Hello" and report["one_token_finish"] == "length"
+    assert report["prompt_tokens"] > 20
+
+    shown = ok("doctor", "--endpoint", fake.url).stdout
+    assert "not reported: 4,096 assumed (-c sets it)" in shown
+    assert "an estimate (a token per 3 bytes: the server has no tokenize API)" in shown
+    assert "one-token test" in shown
+    assert fake.bodies[-1]["max_tokens"] == 1
+    err = fails("doctor", "--endpoint", f"http://127.0.0.1:{free_port()}/v1")
+    assert "cannot be reached: connection refused" in err

@@ -11,18 +11,26 @@ import typer
 
 from wizardchat.cli import wiring
 from wizardchat.cli.environment import Environment
-from wizardchat.cli.options import FLAG_LABELS, LOAD_OPTIONS, Flags, YesOpt, settings_options
+from wizardchat.cli.options import (
+    FLAG_LABELS,
+    LOAD_OPTIONS,
+    ApiKeyOpt,
+    Flags,
+    YesOpt,
+    settings_options,
+)
 from wizardchat.cli.output import write_untrusted
 from wizardchat.errors import NoModelError
-from wizardchat.settings import MAX_THREADS, load_settings
+from wizardchat.settings import MAX_THREADS, Settings, load_settings
 
 DOCTOR_EXAMPLES = """
 wizardchat doctor                       this machine, the plan for WizardLM-2
 wizardchat doctor -m FILE.gguf --json   the plan for a file, as JSON
+wizardchat doctor --endpoint URL        what a chat through that server would find
 """
 
 
-@settings_options("rpc")
+@settings_options("rpc", "endpoint", "endpoint_model", "endpoint_timeout")
 def doctor(
     env: Environment,
     flags: Flags,
@@ -36,11 +44,15 @@ def doctor(
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Show this install, this machine and the offload plan."""
     from wizardchat.diagnose import doctor as doctor_module
 
     settings = load_settings({**flags, "model": model}, environ=env.environ, labels=FLAG_LABELS)
+    if settings.endpoint:  # the server's model, not this machine's
+        _doctor_endpoint(env, settings, api_key, json_output=json_output)
+        return
     from wizardchat.hub.catalog import parse_ref
 
     if settings.model and isinstance(local := parse_ref(settings.model), Path):
@@ -56,6 +68,20 @@ def doctor(
         env.stdout.write(json.dumps(report, indent=1) + "\n")
     else:  # paths, GGUF metadata, RPC workers' descriptions
         write_untrusted(env, doctor_module.render(report))
+
+
+def _doctor_endpoint(
+    env: Environment, settings: Settings, api_key: str | None, *, json_output: bool
+) -> None:
+    from wizardchat.endpoint import check
+
+    environ = env.environ
+    key = api_key or environ.get("WIZARDCHAT_API_KEY") or environ.get("OPENAI_API_KEY")
+    report = check.check(settings, key)
+    if json_output:
+        env.stdout.write(json.dumps(report, indent=1) + "\n")
+    else:  # the model's name and its reply are the server's words
+        write_untrusted(env, check.render(report))
 
 
 def _model_source(env: Environment, flag: str | None, configured: str | None) -> str:
