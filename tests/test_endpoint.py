@@ -12,7 +12,9 @@ import contextlib
 import http.server
 import json
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -114,10 +116,11 @@ def test_ask_and_a_batch_through_a_server_reply_as_the_local_model(
     assert batch.stdout == local_batch.stdout == (SCRIPT + "\n\n") * 3
 
 
+@pytest.mark.parametrize("kind", ["llama_cpp", "wizardchat"])
 def test_a_session_through_the_endpoint_is_saved_and_resumed(
-    models: Models, llama_cpp_server: Callable[..., str]
+    models: Models, endpoint_of: Callable[[str, Path], str], kind: str
 ) -> None:
-    url = llama_cpp_server(models.scripted)
+    url = endpoint_of(kind, models.scripted)
     ok("run", "--endpoint", url, "--session", "remote", *GREEDY, stdin="Hi\n")
     again = ok("run", "--endpoint", url, "--session", "remote", "--verbose-prompt", *GREEDY,
                stdin="Who are you?\n")  # fmt: skip
@@ -384,3 +387,24 @@ def test_doctor_checks_an_endpoint_as_a_chat_would_use_it(
     assert fake.bodies[-1]["max_tokens"] == 1
     err = fails("doctor", "--endpoint", f"http://127.0.0.1:{free_port()}/v1")
     assert "cannot be reached: connection refused" in err
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_is_verified_a_server_this_machine_does_not_trust_is_refused(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    fake.httpd.socket = context.wrap_socket(fake.httpd.socket, server_side=True)
+    url = fake.url.replace("http://", "https://")
+    err = fails("ask", "Hi", "--endpoint", url)
+    assert "its TLS certificate did not verify" in err
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now this machine trusts it
+    assert ok("ask", "Hi", "--endpoint", url).stdout == SCRIPT + "\n"
