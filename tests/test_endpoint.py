@@ -408,3 +408,17 @@ def test_https_is_verified_a_server_this_machine_does_not_trust_is_refused(
     assert "its TLS certificate did not verify" in err
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now this machine trusts it
     assert ok("ask", "Hi", "--endpoint", url).stdout == SCRIPT + "\n"
+
+
+def test_a_local_session_continues_through_the_endpoint_without_its_model_file(
+    models: Models, fake: Fake, tmp_path: Path
+) -> None:
+    model = tmp_path / "gone.gguf"
+    model.write_bytes(models.scripted.read_bytes())
+    ok("run", "-m", str(model), "--no-server", "--session", "moved", *GREEDY, stdin="Hi\n")
+    model.unlink()  # the laptop's model is gone; the team's server has one
+    r = ok("run", "--endpoint", fake.url, "--session", "moved", stdin="Who are you?\n")
+    assert "resuming 'moved' with its model" not in r.stderr
+    assert fake.bodies[-1]["prompt"].endswith(
+        f"USER: Hi ASSISTANT: {SCRIPT}</s>USER: Who are you? ASSISTANT:"
+    )

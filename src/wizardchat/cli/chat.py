@@ -88,7 +88,8 @@ def ask(
     store = SessionStore(paths.sessions_dir())
     with contextlib.closing(store):
         saved = _claim_saved(env, store, session_name, resume=False)
-        if flags["model"] is None and saved is not None and saved.model_ref:
+        endpoint = wiring.wants_endpoint(env, flags)  # then the session's model is not loaded
+        if flags["model"] is None and saved is not None and saved.model_ref and not endpoint:
             flags = {**flags, "model": _session_model(env, saved)}
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=env.interactive
@@ -197,7 +198,8 @@ def run(
         # Read the saved conversation before loading the model: a bad name or file fails fast,
         # and its model is the one to load unless -m says otherwise.
         saved = _claim_saved(env, store, session_name, resume=resume)
-        if flags["model"] is None and saved is not None and saved.model_ref:
+        endpoint = wiring.wants_endpoint(env, flags)  # then the session's model is not loaded
+        if flags["model"] is None and saved is not None and saved.model_ref and not endpoint:
             flags = {**flags, "model": _session_model(env, saved)}
         settings, model_ref = wiring.settings_and_model_ref(
             env, flags, yes=yes, can_ask=interactive

@@ -57,6 +57,11 @@ def settings_and_model_ref(
     return dataclasses.replace(loaded, model=str(path)), model_reference(given, path)
 
 
+def wants_endpoint(env: Environment, flags: Flags) -> bool:
+    """Whether this run chats through --endpoint (flag, WIZARDCHAT_ENDPOINT or config)."""
+    return bool(load_settings(flags, environ=env.environ, labels=FLAG_LABELS).endpoint)
+
+
 def _resolve(env: Environment, given: str, *, yes: bool, can_ask: bool) -> Path:
     from wizardchat.engine.offload import detect_machine
     from wizardchat.hub.resolve import resolve_model
