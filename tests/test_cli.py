@@ -443,4 +443,5 @@ def test_every_setting_is_one_option_and_each_command_takes_its_set() -> None:
     taken = {name: [p.name for p in c.params if p.name in OPTIONS] for name, c in commands.items()}
     assert taken["ask"] == taken["run"] == list(CHAT_OPTIONS)
     assert taken["bench"] == list(LOAD_OPTIONS) and not set(SAMPLING) & set(LOAD_OPTIONS)
-    assert taken["doctor"] == ["model", "rpc"]  # its own -m (other help), the shared --rpc
+    # its own -m (other help), the shared --rpc, and the --endpoint it can check instead
+    assert taken["doctor"] == ["model", "rpc", "endpoint", "endpoint_model", "endpoint_timeout"]

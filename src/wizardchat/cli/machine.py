@@ -26,7 +26,7 @@ from wizardchat.settings import MAX_THREADS, Settings, load_settings
 DOCTOR_EXAMPLES = """
 wizardchat doctor                       this machine, the plan for WizardLM-2
 wizardchat doctor -m FILE.gguf --json   the plan for a file, as JSON
-wizardchat doctor --endpoint URL        what a chat through that server would find
+wizardchat doctor --endpoint URL        check a server to chat through
 """
 
 
