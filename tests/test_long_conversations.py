@@ -326,7 +326,7 @@ def test_sigterm_or_closing_the_terminal_mid_reply_saves_the_partial_turn(
     r = run_cli("run", "--jsonl", "--session", "sig", "-c", "8192", "-n", "2",
                 stdin='{"prompt": "go on"}\n')  # fmt: skip
     assert r.code == 0, r.stderr
-    assert re.search(r"^restored \d+ tokens in ", r.stderr, re.M), r.stderr
+    assert re.search(r"^restored [\d,]+ tokens in ", r.stderr, re.M), r.stderr
     assert json.loads(r.stdout)["evaluated_tokens"] < 20
 
 

@@ -731,7 +731,7 @@ def test_the_kv_state_is_saved_at_exit_and_restored_by_resume_load_and_kept_thro
     assert (kv / "k.kv.json").is_file()  # Ctrl-D saved it
 
     second = chats(*common, "--resume")
-    assert re.search(r"restored \d+ tokens in \d+\.\d s", second.intro), second.intro
+    assert re.search(r"restored [\d,]+ tokens in \d+\.\d s", second.intro), second.intro
     out = second.send("and then?")
     assert re.search(r"\b\d+ tokens · ", out)
     second.send("/clear")  # leaving 'k' saves its state with the new turn
@@ -740,7 +740,7 @@ def test_the_kv_state_is_saved_at_exit_and_restored_by_resume_load_and_kept_thro
     assert (kv / "other.kv.json").is_file()
     assert not list(kv.glob("chat-*"))
     out = second.send("/load k")
-    assert re.search(r"restored \d+ tokens in \d+\.\d s", out), out
+    assert re.search(r"restored [\d,]+ tokens in \d+\.\d s", out), out
     assert "more to evaluate" not in out  # the state held every turn of 'k'
     assert second.exit() == 0
     listing = run_cli("sessions").stdout

@@ -203,7 +203,7 @@ def test_a_session_on_rpc_workers_saves_and_restores_its_kv_state(
 
     resumed = run_cli(*common, *remote, "--session", "r", stdin=lines[2])
     assert resumed.code == 0, resumed.stderr[-2000:]
-    assert re.search(r"^restored \d+ tokens in \d+\.\d s$", resumed.stderr, re.M), resumed.stderr
+    assert re.search(r"^restored [\d,]+ tokens in \d+\.\d s$", resumed.stderr, re.M), resumed.stderr
     third = json.loads(resumed.stdout)
     assert third["evaluated_tokens"] < 20  # the new message, not the history
 
