@@ -283,13 +283,6 @@ class EndpointEngine:
             ("tokens counted by", self.count.source or "the server's tokenizer, when first asked"),
         ]
 
-    def plan_line(self) -> str:
-        """The start-of-chat line."""
-        return f"using {self.model_name} at {self.endpoint.url} · context {self.n_ctx:,} tokens"
-
-    def close(self) -> None:
-        """Nothing to free: the model lives on the server."""
-
 
 class EndpointStream:
     """One reply streamed from /completions: (placeholder id, text) per event, stats as it runs.
