@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from wizardchat.engine.decoder import (
+    DECODE_ABORTED,
+    DecodeError,
+    Decoder,
+    SamplerChain,
+    decoder_for,
+    held_prefix,
+)
 from wizardchat.engine.model import CountingLlama, EvalProgress
 from wizardchat.engine.reply_data import GenerationStats, Sampling
 
@@ -81,69 +89,72 @@ class TokenStream:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        llm, s, stats = self.llm, self.sampling, self.stats
+        llm, stats, cancel = self.llm, self.stats, self.cancel
+        if not self.prompt:
+            raise ValueError("empty prompt")
+        decoder = decoder_for(llm)
         stats.prompt_tokens = len(self.prompt)
-        decoder = PieceDecoder(llm)
-        vocab = llm._model.vocab
+        stats.finish = "length"
         evaluated_before = llm.evaluated_tokens
         start = time.perf_counter()
-        first_at = start
-        stats.finish = "length"
-        # Llama.generate keeps the longest common prefix of the KV cache and evaluates the rest.
-        tokens = llm.generate(
-            self.prompt,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            temp=s.temperature,
-            repeat_penalty=s.repeat_penalty,
-            reset=True,
-        )
-        abort = PromptAbort(llm, self.cancel) if self.abort_prompt else None
-        llm.eval_progress = self.progress
+        # Keep the longest prefix the KV cache already holds; the last prompt token is always
+        # evaluated, since sampling needs its logits.
+        reuse = min(held_prefix(llm, self.prompt), len(self.prompt) - 1)
+        decoder.keep(reuse)
+        chain = SamplerChain(self.sampling, llm._seed, llm.n_vocab())
         try:
-            for token in tokens:
-                now = time.perf_counter()
-                if abort is not None:  # the prompt is evaluated: no callback per generated token
-                    abort.remove()
-                    abort = None
-                if llm.eval_progress is not None:
-                    self._prompt_over()
-                if stats.completion_tokens == 0:
+            if not self._evaluate_prompt(decoder, self.prompt[reuse:]):
+                return
+            stats.evaluated_tokens = llm.evaluated_tokens - evaluated_before
+            # The per-token loop: sample (which also feeds the sampler's history), end check,
+            # piece, decode. Everything else stays out of it.
+            sample, is_eog = llama_cpp.llama_sampler_sample, llama_cpp.llama_vocab_is_eog
+            step = decoder.step
+            sampler, ctx, vocab = chain.chain, decoder.ctx, llm._model.vocab
+            pieces = PieceDecoder(llm)
+            clock, max_tokens = time.perf_counter, self.max_tokens
+            first_at = 0.0
+            while True:
+                token = sample(sampler, ctx, -1)
+                now = clock()
+                if first_at == 0.0:
                     first_at = now
                     stats.prompt_seconds = now - start
-                    stats.evaluated_tokens = llm.evaluated_tokens - evaluated_before
                 stats.decode_seconds = now - first_at
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if is_eog(vocab, token):
                     stats.finish = "eos"
-                    break
+                    return
                 stats.completion_tokens += 1
-                yield token, decoder.decode(token)
-                if self.cancel.is_set():
+                yield token, pieces.decode(token)
+                if cancel.is_set():
                     stats.finish = "interrupted"
-                    break
-                if stats.completion_tokens >= self.max_tokens:
-                    break
-        except RuntimeError:
-            if not (abort is not None and self.cancel.is_set()):
-                raise
-            # llama_decode returned 2: aborted. llama.cpp dropped the unfinished batch from the
-            # KV cache, and Llama counts only the batches that finished, so the two agree.
-            stats.finish = "interrupted"
+                    return
+                if stats.completion_tokens >= max_tokens:
+                    return
+                step(token)
         except (KeyboardInterrupt, GeneratorExit):
-            # Ctrl-C inside llama.cpp's eval, or the consumer stopped reading: either way the
+            # Ctrl-C inside llama.cpp's decode, or the consumer stopped reading: either way the
             # reply ends here, and the KV cache stays valid for the tokens it holds.
             stats.finish = "interrupted"
             raise
         finally:
-            if abort is not None:
-                abort.remove()
-            if llm.eval_progress is not None:
-                self._prompt_over()
-            tokens.close()
+            chain.close()
 
-    def _prompt_over(self) -> None:
-        """No more progress reports (decoding would report each token): tell the listener."""
-        self.llm.eval_progress = None
-        if self.progress is not None:
-            self.progress.end()
+    def _evaluate_prompt(self, decoder: Decoder, tokens: Sequence[int]) -> bool:
+        """Evaluate the prompt's uncached tokens; False when `cancel` aborted it."""
+        abort = PromptAbort(self.llm, self.cancel) if self.abort_prompt else None
+        try:
+            decoder.evaluate(tokens, self.progress)
+        except DecodeError as e:
+            if not (e.status == DECODE_ABORTED and abort is not None and self.cancel.is_set()):
+                raise
+            # llama.cpp dropped the unfinished batch from the KV cache, and the decoder
+            # recorded only the batches that finished, so the two agree.
+            self.stats.finish = "interrupted"
+            return False
+        finally:
+            if abort is not None:  # no callback per generated token
+                abort.remove()
+            if self.progress is not None:
+                self.progress.end()
+        return True

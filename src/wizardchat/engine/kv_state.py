@@ -5,12 +5,12 @@ llama.cpp's sequence-state file API streams the cache tensor by tensor from wher
 into RAM three times instead. The file holds the token ids of the cached positions (magic
 `ggsq`), then the KV cells.
 
-What llama.cpp restores is only the cache. `Llama.generate` decides what to evaluate from its
-own record, `input_ids[:n_tokens]`: after a restore that record must say exactly which tokens
-the cache holds, or generate re-evaluates everything (llama.cpp#26676 is that bug in
-llama-server). No logits are saved, so `_requires_eval` makes generate decode at least one
-token before sampling. These are private attributes of llama-cpp-python: the version is pinned
-(engine/model.py checks it at load).
+What llama.cpp restores is only the cache. The decoder (engine/decoder.py) decides what to
+evaluate from llama-cpp-python's record, `input_ids[:n_tokens]`: after a restore that record
+must say exactly which tokens the cache holds, or a reply re-evaluates everything
+(llama.cpp#26676 is that bug in llama-server). No logits are saved; a reply always evaluates
+at least its last prompt token before sampling. These are private attributes of
+llama-cpp-python: the version is pinned (engine/model.py checks it at load).
 """
 
 from __future__ import annotations
@@ -20,20 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 
+from wizardchat.engine.decoder import held_prefix
 from wizardchat.engine.model import CountingLlama
 from wizardchat.errors import KvStateError
 
 SEQ = 0  # wizardchat keeps one conversation in sequence 0
-
-
-def held_prefix(llm: CountingLlama, tokens: Sequence[int]) -> int:
-    """How many of `tokens`, from the first, the KV cache holds now (numpy: a 64K-token history
-    is compared after every reply)."""
-    n = min(llm.n_tokens, len(tokens))
-    differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(tokens[:n], dtype=np.int64))
-    return int(differ[0]) if differ.size else n
+__all__ = ["held_prefix", "load", "restore_snapshot", "save", "snapshot", "state_size", "trim"]
 
 
 def _memory(llm: CountingLlama) -> llama_cpp.llama_memory_t:
@@ -41,7 +34,7 @@ def _memory(llm: CountingLlama) -> llama_cpp.llama_memory_t:
 
 
 def trim(llm: CountingLlama, n_tokens: int) -> None:
-    """Keep only the first `n_tokens` cached positions (what generate would drop anyway)."""
+    """Keep only the first `n_tokens` cached positions (what the next reply would drop anyway)."""
     if n_tokens < llm.n_tokens:
         llama_cpp.llama_memory_seq_rm(_memory(llm), SEQ, n_tokens, -1)
         llm.n_tokens = n_tokens
@@ -84,7 +77,7 @@ def load(llm: CountingLlama, path: Path, capacity: int) -> list[int]:
         llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
         raise KvStateError("llama.cpp could not read it (another model shape, or a damaged file)")
     tokens = list(ids[:n])
-    # The record generate() trusts: exactly the positions the cache now holds.
+    # The record the decoder trusts: exactly the positions the cache now holds.
     llm.input_ids[:n] = tokens
     llm.n_tokens = n
     llm._requires_eval = True
@@ -105,7 +98,7 @@ def snapshot(llm: CountingLlama) -> tuple[ctypes.Array[ctypes.c_uint8], list[int
 def restore_snapshot(
     llm: CountingLlama, data: ctypes.Array[ctypes.c_uint8], tokens: Sequence[int]
 ) -> None:
-    """Make a snapshot() the cache again, with the bookkeeping generate() trusts; on failure
+    """Make a snapshot() the cache again, with the bookkeeping the decoder trusts; on failure
     the cache is left empty and KvStateError says so."""
     memory = _memory(llm)
     llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)

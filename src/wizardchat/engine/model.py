@@ -60,12 +60,13 @@ def check_binding_layout() -> None:
 
 
 class CountingLlama(Llama):  # type: ignore[misc]
-    """A Llama that counts the tokens it evaluates, so stats show real prefix-cache reuse."""
+    """A Llama that counts the tokens it evaluates, so stats show real prefix-cache reuse.
+
+    Only its loading, tokenizer and KV-cache record (`input_ids[:n_tokens]`) are used: tokens
+    are evaluated by engine/decoder.py, which keeps that record and `evaluated_tokens`.
+    """
 
     evaluated_tokens: int = 0
-    # Told how far a prompt's evaluation got; set only while a prompt is evaluated (TokenStream),
-    # so decoding, which evaluates one token at a time, pays one attribute check per token.
-    eval_progress: EvalProgress | None = None
     _metadata: dict[str, str]
 
     @property
@@ -84,21 +85,11 @@ class CountingLlama(Llama):  # type: ignore[misc]
             if not key.startswith("tokenizer.chat_template")
         }
 
-    def eval(self, tokens: Any) -> None:
-        progress = self.eval_progress
-        if progress is None:
-            self.evaluated_tokens += len(tokens)
-            super().eval(tokens)
-            return
-        # Llama.eval decodes n_batch tokens at a time; the same batches one call each, so the
-        # progress can be told after each one (llama.cpp's work is the same).
-        total = len(tokens)
-        progress.update(0, total)
-        for start in range(0, total, self.n_batch):
-            batch = tokens[start : start + self.n_batch]
-            self.evaluated_tokens += len(batch)
-            super().eval(batch)
-            progress.update(start + len(batch), total)
+    def close(self) -> None:
+        decoder = self.__dict__.pop("decoder", None)
+        if decoder is not None:
+            decoder.close()
+        super().close()
 
 
 _params_lock = threading.Lock()

@@ -1,7 +1,8 @@
 """Timing token evaluation on a loaded model, llama-bench's way, for `wizardchat bench`.
 
-The tokens go through `Llama.eval`, so the figures include llama-cpp-python's per-call cost, the
-one wizardchat's replies pay. Here because it reaches into llama-cpp-python's context and vocab.
+The tokens go through the decoder replies use (engine/decoder.py), so the figures include the
+per-call cost wizardchat's replies pay. Here because it reaches into llama-cpp-python's context
+and vocab.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import llama_cpp
 
+from wizardchat.engine.decoder import decoder_for
 from wizardchat.engine.model import CountingLlama
 
 
@@ -19,6 +21,7 @@ class TokenTimer:
 
     def __init__(self, llm: CountingLlama, seed: int) -> None:
         self.llm = llm
+        self.decoder = decoder_for(llm)
         vocab = llm._model.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
@@ -38,26 +41,25 @@ class TokenTimer:
 
     def clear(self) -> None:
         """Empty the KV cache and Llama's record of it: the next eval starts at position 0."""
-        self.llm.reset()  # n_tokens = 0 (clears memory itself only for recurrent models)
+        self.llm.n_tokens = 0
         self.llm._ctx.kv_cache_clear()  # llama_memory_clear(mem, data=True)
 
     def cut(self, n: int) -> None:
         """Keep only the first `n` positions of the KV cache."""
-        self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
-        self.llm.n_tokens = n
+        self.decoder.keep(n)
 
     def prompt(self, ids: list[int]) -> float:
-        """Seconds to evaluate `ids` in batches of n_batch (Llama.eval splits them)."""
+        """Seconds to evaluate `ids` in batches of n_batch."""
         start = time.perf_counter()
-        self.llm.eval(ids)
+        self.decoder.evaluate(ids)
         self.sync()
         return time.perf_counter() - start
 
     def generate(self, ids: list[int]) -> float:
         """Seconds to evaluate `ids` one token at a time, as decoding does."""
-        llm, sync = self.llm, self.sync
+        step, sync = self.decoder.step, self.sync
         start = time.perf_counter()
         for token in ids:
-            llm.eval([token])
+            step(token)
             sync()
         return time.perf_counter() - start
