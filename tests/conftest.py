@@ -17,6 +17,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gguf_models import USER_TURN_PIECES, write_model
+from real_models import (  # noqa: F401  (fixtures: real vocabularies and SmolLM2, cached)
+    bpe_model,
+    bpe_vocab,
+    smollm2,
+    spm_model,
+    spm_model_no_bos,
+    spm_vocab,
+)
 
 from wizardchat.settings import load_settings
 

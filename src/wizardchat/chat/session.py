@@ -25,6 +25,9 @@ class ChatEngine(Protocol):
     bos: int
     eos: int
     n_ctx: int
+    add_bos: bool
+    eos_text: str
+    space_prefix: bool
     model_name: str
 
     def tokenize(self, text: str) -> list[int]: ...
@@ -75,8 +78,7 @@ class ChatSession:
         self.conversation = self._new_conversation(system)
 
     def _new_conversation(self, system: str) -> Conversation:
-        e = self.engine
-        return Conversation(system=system, tokenize=e.tokenize, bos=e.bos, eos=e.eos, n_ctx=e.n_ctx)
+        return Conversation.on(self.engine, system)
 
     def reset(self, system: str | None = None) -> None:
         """Start a new conversation, with a new system prompt if given."""
@@ -96,12 +98,12 @@ class ChatSession:
         for saved in turns:
             turn = conv.new_turn(saved.user)
             turn.reply = saved.reply
-            turn.reply_tokens = self._reply_tokens(saved)
+            turn.reply_tokens = self._reply_tokens(conv, saved)
             turn.interrupted = saved.interrupted
             conv.close(turn)
         self.conversation = conv
 
-    def _reply_tokens(self, saved: SavedTurn) -> list[int]:
+    def _reply_tokens(self, conv: Conversation, saved: SavedTurn) -> list[int]:
         ids = saved.reply_tokens
         if ids is not None:
             try:
@@ -109,7 +111,7 @@ class ChatSession:
                     return list(ids)
             except ValueError:  # ids of another vocabulary
                 pass
-        return self.engine.tokenize(saved.reply) if saved.reply else []
+        return conv.reply_ids(saved.reply)
 
     def drop_last(self) -> Turn | None:
         """Remove the last exchange from the history and return it (None when empty)."""

@@ -35,7 +35,7 @@ def check(settings: Settings, api_key: str | None) -> dict[str, Any]:
         notify=lambda _line: None,
         stall_seconds=settings.endpoint_timeout,
     )
-    chat = Conversation(settings.system, engine.tokenize, engine.bos, engine.eos, engine.n_ctx)
+    chat = Conversation.on(engine, settings.system)
     turn = chat.new_turn("Hi")
     prompt = chat.prompt(turn)
     started = time.perf_counter()

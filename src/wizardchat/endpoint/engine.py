@@ -219,6 +219,9 @@ class EndpointEngine:
         self.notify = notify
         self.texts = TextIds()
         self.bos, self.eos = TextIds.BOS, TextIds.EOS
+        # The server gets text, WizardLM-2's Vicuna string with `</s>` for EOS: the history's
+        # placeholder ids stand for that text, built as for an SPM model with BOS.
+        self.add_bos, self.eos_text, self.space_prefix = True, EOS_TEXT, True
         self.count = TokenCounter(endpoint, model.name)
 
     # --- ChatEngine ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from wizardchat.engine import ggml, kv_state
 from wizardchat.engine.generate import PieceDecoder, Sampling, TokenStream
 from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
 from wizardchat.engine.model_identity import fingerprint
+from wizardchat.engine.vocab import adds_bos, adds_space_prefix, token_text
 from wizardchat.gguf_file import quant_name, shard_paths
 from wizardchat.plan.placement import CPU_BUFFER, EXPERTS_REGEX, Override, plan_overrides
 from wizardchat.plan.report import layer_ranges
@@ -48,6 +49,12 @@ class LlamaEngine:
         self.seed = settings.seed
         self.bos = int(self.llm.token_bos())
         self.eos = int(self.llm.token_eos())
+        # How llama.cpp tokenizes a whole prompt with this vocabulary (engine/vocab.py), so the
+        # history can be, token for token, that tokenization of the prompt as shown.
+        vocab = self.llm._model.vocab
+        self.add_bos = adds_bos(vocab)
+        self.eos_text = token_text(vocab, self.eos)
+        self.space_prefix = adds_space_prefix(vocab)
         # Never budget past llama-cpp-python's token buffer, whatever llama.cpp padded the KV to.
         self.n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
         self.model_name = self.load_plan.path.name
@@ -56,8 +63,10 @@ class LlamaEngine:
         self._kv_identity: dict[str, Any] | None = None
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """Token ids of `text`: no BOS, and `</s>` typed by a user stays five characters
-        (`special`: it is the end-of-sequence token, as in a raw prompt of the HTTP API)."""
+        """Token ids of `text` as llama.cpp tokenizes a prompt that is just this text (an SPM
+        vocabulary's space prefix included): no BOS, and `</s>` typed by a user stays five
+        characters (`special`: it is the end-of-sequence token, as in a raw prompt of the HTTP
+        API)."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def pieces(self, tokens: Sequence[int]) -> list[str]:

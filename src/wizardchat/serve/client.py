@@ -65,6 +65,11 @@ class RemoteEngine:
         self.n_ctx = int(info["n_ctx"])
         self.bos = int(info["bos"])
         self.eos = int(info["eos"])
+        # How the server's model tokenizes a whole prompt (protocol VERSION 2); a server of
+        # version 1 did not say, and built WizardLM-2's history: SPM, BOS, `</s>`.
+        self.add_bos = bool(info.get("add_bos", True))
+        self.eos_text = str(info.get("eos_text", "</s>"))
+        self.space_prefix = bool(info.get("space_prefix", True))
         self.sampling = sampling
         self.seed = seed
         # The seed goes to the server with the next reply when the client chose one.
@@ -86,7 +91,8 @@ class RemoteEngine:
     # --- ChatEngine ------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` (no BOS), tokenized by the server's model."""
+        """Token ids of `text` as the server's model tokenizes a prompt of just this text (no
+        BOS, special text kept text)."""
         return list(self._call("tokenize", text=text))
 
     def pieces(self, tokens: Sequence[int]) -> list[str]:

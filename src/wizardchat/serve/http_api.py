@@ -433,17 +433,11 @@ class Api:
         system = self.system if messages.system is None else messages.system
 
         def prompt(engine: LlamaEngine) -> Prompt:
-            conv = Conversation(
-                system=system,
-                tokenize=engine.tokenize,
-                bos=engine.bos,
-                eos=engine.eos,
-                n_ctx=engine.n_ctx,
-            )
+            conv = Conversation.on(engine, system)
             for user, reply in messages.history:  # as session.restore rebuilds a saved chat
                 turn = conv.new_turn(user)
                 turn.reply = reply
-                turn.reply_tokens = engine.tokenize(reply) if reply else []
+                turn.reply_tokens = conv.reply_ids(reply)
                 conv.close(turn)
             turn = conv.new_turn(messages.last)
             return Prompt(conv.prompt(turn), turn)
@@ -463,8 +457,11 @@ class Api:
         return await self._respond(
             request,
             # A raw prompt's `</s>` is the end-of-sequence token, as llama-server and
-            # llama-cpp-python's server read it: the Vicuna string of a chat holds them.
-            lambda engine: Prompt([engine.bos, *engine.tokenize(text, special=True)], None),
+            # llama-cpp-python's server read it: the Vicuna string of a chat holds them. BOS
+            # comes first when the model's file says so, as llama.cpp tokenizes a prompt.
+            lambda engine: Prompt(
+                [engine.bos] * engine.add_bos + engine.tokenize(text, special=True), None
+            ),
             params,
             chat=False,
         )
@@ -483,7 +480,8 @@ class Api:
 
         def tokens() -> list[int]:
             with self.server.holding() as engine:
-                return [engine.bos] * add_bos + engine.tokenize(text, special=True)
+                bos = [engine.bos] * (add_bos and engine.add_bos)  # as llama-server: the file's
+                return bos + engine.tokenize(text, special=True)
 
         try:
             return JSONResponse({"tokens": await asyncio.to_thread(tokens)})

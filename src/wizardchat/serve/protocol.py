@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 MAX_LINE = 64 << 20  # a 64K-token history as JSON is under 1 MiB: far below, never unbounded
-VERSION = 1
+VERSION = 2  # 2: `hello` tells how the model tokenizes a prompt (add_bos, eos_text, space_prefix)
 
 
 class ProtocolError(Exception):
