@@ -13,27 +13,34 @@ import pytest
 
 from wizardchat.diagnose import bench, llama_bench
 from wizardchat.diagnose.bench import BenchResult, Measurement
+from wizardchat.engine.decoder import decoder_for
 from wizardchat.engine.model import LoadPlan
 from wizardchat.plan.placement import Override, expert_overrides
 
 
 class EvalSpy:
-    """Wraps a Llama's eval: per call, Llama's n_tokens, the tokens given and the KV cache's
-    highest position (-1: empty) just before it."""
+    """Wraps the model's decoder: per call, the positions the record says are cached, the
+    tokens given and the KV cache's highest position (-1: empty) just before it."""
 
     def __init__(self, llm) -> None:  # type: ignore[no-untyped-def]
         self.llm = llm
-        self.real = llm.eval
+        decoder = decoder_for(llm)
+        real_evaluate, real_step = decoder.evaluate, decoder.step
         self.calls: list[tuple[int, int, int]] = []
-        llm.eval = self
+
+        def evaluate(tokens, progress=None) -> None:  # type: ignore[no-untyped-def]
+            self.calls.append((self.llm.n_tokens, len(tokens), self.kv_max()))
+            real_evaluate(tokens, progress)
+
+        def step(token) -> None:  # type: ignore[no-untyped-def]
+            self.calls.append((self.llm.n_tokens, 1, self.kv_max()))
+            real_step(token)
+
+        decoder.evaluate, decoder.step = evaluate, step  # type: ignore[method-assign]
 
     def kv_max(self) -> int:
-        mem = llama_cpp.llama_get_memory(self.llm._ctx.ctx)
+        mem = llama_cpp.llama_get_memory(self.llm.ctx)
         return int(llama_cpp.llama_memory_seq_pos_max(mem, 0))
-
-    def __call__(self, tokens) -> None:  # type: ignore[no-untyped-def]
-        self.calls.append((self.llm.n_tokens, len(tokens), self.kv_max()))
-        self.real(tokens)
 
 
 def test_run_bench_times_each_test_from_the_cache_state_it_names(models, engine_factory) -> None:

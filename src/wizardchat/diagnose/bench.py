@@ -158,7 +158,7 @@ def run_bench(
     if reps < 1:
         raise ValueError("reps must be at least 1")
     llm = engine.llm
-    n_ctx = int(llm.n_ctx())
+    n_ctx = llm.n_ctx
     runner = TokenTimer(llm, SEED)
     notes: list[str] = []
     measurements: list[Measurement] = []

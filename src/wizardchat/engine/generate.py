@@ -9,8 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import llama_cpp
-
+from wizardchat.engine.context import ModelContext
 from wizardchat.engine.decoder import (
     DECODE_ABORTED,
     DecodeError,
@@ -19,7 +18,8 @@ from wizardchat.engine.decoder import (
     decoder_for,
     held_prefix,
 )
-from wizardchat.engine.model import CountingLlama, EvalProgress
+from wizardchat.engine.llama_lib import lib
+from wizardchat.engine.model import EvalProgress
 from wizardchat.engine.reply_data import GenerationStats, Sampling
 
 __all__ = ["GenerationStats", "PieceDecoder", "PromptAbort", "Sampling", "TokenStream"]
@@ -32,17 +32,17 @@ class PieceDecoder:
     decoder carries the incomplete bytes to the next piece instead of emitting U+FFFD.
     """
 
-    def __init__(self, llm: CountingLlama) -> None:
-        self._vocab = llm._model.vocab
+    def __init__(self, llm: ModelContext) -> None:
+        self._vocab = llm.vocab
         self._buf = ctypes.create_string_buffer(256)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def piece_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (special tokens give b"")."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        n = lib.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
         if n < 0:  # buffer too small: grow once and retry
             self._buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, -n, 0, False)
+            n = lib.llama_token_to_piece(self._vocab, token, self._buf, -n, 0, False)
         return self._buf.raw[:n]
 
     def decode(self, token: int) -> str:
@@ -62,16 +62,16 @@ class PromptAbort:
     exception cannot leave a ctypes callback and would be lost).
     """
 
-    def __init__(self, llm: CountingLlama, cancel: threading.Event) -> None:
-        self._ctx = llm._ctx.ctx
-        self._callback = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
-        llama_cpp.llama_set_abort_callback(self._ctx, self._callback, None)
+    def __init__(self, llm: ModelContext, cancel: threading.Event) -> None:
+        self._ctx = llm.ctx
+        self._callback = lib.ggml_abort_callback(lambda _data: cancel.is_set())
+        lib.llama_set_abort_callback(self._ctx, self._callback, None)
         self.active = True
 
     def remove(self) -> None:
         """Back to no callback (a NULL function pointer)."""
         if self.active:
-            llama_cpp.llama_set_abort_callback(self._ctx, llama_cpp.ggml_abort_callback(), None)
+            lib.llama_set_abort_callback(self._ctx, lib.ggml_abort_callback(), None)
             self.active = False
 
 
@@ -79,7 +79,7 @@ class PromptAbort:
 class TokenStream:
     """Generates one reply's tokens for a full prompt; iterate it for (token id, text) pairs."""
 
-    llm: CountingLlama
+    llm: ModelContext
     prompt: Sequence[int]
     sampling: Sampling
     max_tokens: int
@@ -101,16 +101,16 @@ class TokenStream:
         # evaluated, since sampling needs its logits.
         reuse = min(held_prefix(llm, self.prompt), len(self.prompt) - 1)
         decoder.keep(reuse)
-        chain = SamplerChain(self.sampling, llm._seed, llm.n_vocab())
+        chain = SamplerChain(self.sampling, llm.seed, llm.n_vocab)
         try:
             if not self._evaluate_prompt(decoder, self.prompt[reuse:]):
                 return
             stats.evaluated_tokens = llm.evaluated_tokens - evaluated_before
             # The per-token loop: sample (which also feeds the sampler's history), end check,
             # piece, decode. Everything else stays out of it.
-            sample, is_eog = llama_cpp.llama_sampler_sample, llama_cpp.llama_vocab_is_eog
+            sample, is_eog = lib.llama_sampler_sample, lib.llama_vocab_is_eog
             step = decoder.step
-            sampler, ctx, vocab = chain.chain, decoder.ctx, llm._model.vocab
+            sampler, ctx, vocab = chain.chain, decoder.ctx, llm.vocab
             pieces = PieceDecoder(llm)
             clock, max_tokens = time.perf_counter, self.max_tokens
             first_at = 0.0

@@ -21,7 +21,7 @@ def libggml() -> Any:
     devices registered there would not be used. `lib[name]` makes fresh function objects,
     leaving llama_cpp's own cached ones untouched.
     """
-    import llama_cpp.llama_cpp as bindings
+    from wizardchat.engine.llama_lib import lib as bindings
 
     lib = bindings._lib
     vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
@@ -123,6 +123,6 @@ def version() -> str:
 
 def binding_version() -> str:
     """llama-cpp-python's version, e.g. '0.3.36' (the binding that carries this llama.cpp)."""
-    import llama_cpp
+    from wizardchat.engine.llama_lib import VERSION
 
-    return str(llama_cpp.__version__)
+    return VERSION

@@ -1,4 +1,4 @@
-"""The KV cache of sequence 0 to and from a file, with llama-cpp-python's bookkeeping kept true.
+"""The KV cache of sequence 0 to and from a file, with the record of its tokens kept true.
 
 llama.cpp's sequence-state file API streams the cache tensor by tensor from wherever it lives
 (CPU, GPU, RPC worker) into a file, and back; `Llama.save_state()` would copy the whole state
@@ -6,11 +6,10 @@ into RAM three times instead. The file holds the token ids of the cached positio
 `ggsq`), then the KV cells.
 
 What llama.cpp restores is only the cache. The decoder (engine/decoder.py) decides what to
-evaluate from llama-cpp-python's record, `input_ids[:n_tokens]`: after a restore that record
-must say exactly which tokens the cache holds, or a reply re-evaluates everything
-(llama.cpp#26676 is that bug in llama-server). No logits are saved; a reply always evaluates
-at least its last prompt token before sampling. These are private attributes of
-llama-cpp-python: the version is pinned (engine/model.py checks it at load).
+evaluate from the record `ModelContext.tokens`: after a restore that record must say exactly
+which tokens the cache holds, or a reply re-evaluates everything (llama.cpp#26676 is that bug
+in llama-server). No logits are saved; a reply always evaluates at least its last prompt token
+before sampling.
 """
 
 from __future__ import annotations
@@ -19,96 +18,86 @@ import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
-import llama_cpp
-
+from wizardchat.engine.context import ModelContext
 from wizardchat.engine.decoder import held_prefix
-from wizardchat.engine.model import CountingLlama
+from wizardchat.engine.llama_lib import lib
 from wizardchat.errors import KvStateError
 
 SEQ = 0  # wizardchat keeps one conversation in sequence 0
 __all__ = ["held_prefix", "load", "restore_snapshot", "save", "snapshot", "state_size", "trim"]
 
 
-def _memory(llm: CountingLlama) -> llama_cpp.llama_memory_t:
-    return llama_cpp.llama_get_memory(llm._ctx.ctx)
+def _memory(llm: ModelContext) -> lib.llama_memory_t:
+    return lib.llama_get_memory(llm.ctx)
 
 
-def trim(llm: CountingLlama, n_tokens: int) -> None:
+def trim(llm: ModelContext, n_tokens: int) -> None:
     """Keep only the first `n_tokens` cached positions (what the next reply would drop anyway)."""
     if n_tokens < llm.n_tokens:
-        llama_cpp.llama_memory_seq_rm(_memory(llm), SEQ, n_tokens, -1)
-        llm.n_tokens = n_tokens
-        llm._requires_eval = True
+        lib.llama_memory_seq_rm(_memory(llm), SEQ, n_tokens, -1)
+        del llm.tokens[n_tokens:]
 
 
-def state_size(llm: CountingLlama) -> int:
+def state_size(llm: ModelContext) -> int:
     """Bytes the cached positions take in a state file (llama.cpp counts them, copying none)."""
-    return int(llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, SEQ))
+    return int(lib.llama_state_seq_get_size(llm.ctx, SEQ))
 
 
-def save(llm: CountingLlama, path: Path) -> int:
+def save(llm: ModelContext, path: Path) -> int:
     """Write the cached positions and their token ids to `path` (which llama.cpp creates or
     truncates); return the bytes written. KvStateError if llama.cpp could not write it."""
     n = llm.n_tokens
-    ids = (llama_cpp.llama_token * max(n, 1))(*(int(t) for t in llm.input_ids[:n]))
-    written = llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(path).encode(), SEQ, ids, n)
+    ids = (lib.llama_token * max(n, 1))(*llm.tokens)
+    written = lib.llama_state_seq_save_file(llm.ctx, str(path).encode(), SEQ, ids, n)
     if not written:
         raise KvStateError("llama.cpp could not write the state file (the log says why)")
     return int(written)
 
 
-def load(llm: CountingLlama, path: Path, capacity: int) -> list[int]:
+def load(llm: ModelContext, path: Path, capacity: int) -> list[int]:
     """Replace the cache with the state in `path` and return the token ids it holds.
 
     On any failure the cache is left empty (never half a state) and KvStateError says why.
     """
     memory = _memory(llm)
-    llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
-    llm.n_tokens = 0
-    llm._requires_eval = True
-    capacity = min(capacity, len(llm.input_ids))
-    ids = (llama_cpp.llama_token * max(capacity, 1))()
+    lib.llama_memory_seq_rm(memory, SEQ, -1, -1)
+    llm.tokens = []
+    capacity = min(capacity, llm.n_ctx)
+    ids = (lib.llama_token * max(capacity, 1))()
     count = ctypes.c_size_t(0)
-    read = llama_cpp.llama_state_seq_load_file(
-        llm._ctx.ctx, str(path).encode(), SEQ, ids, capacity, ctypes.byref(count)
+    read = lib.llama_state_seq_load_file(
+        llm.ctx, str(path).encode(), SEQ, ids, capacity, ctypes.byref(count)
     )
     n = int(count.value)
     if not read or n > capacity:
-        llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+        lib.llama_memory_seq_rm(memory, SEQ, -1, -1)
         raise KvStateError("llama.cpp could not read it (another model shape, or a damaged file)")
     tokens = list(ids[:n])
     # The record the decoder trusts: exactly the positions the cache now holds.
-    llm.input_ids[:n] = tokens
-    llm.n_tokens = n
-    llm._requires_eval = True
+    llm.tokens = list(tokens)
     return tokens
 
 
-def snapshot(llm: CountingLlama) -> tuple[ctypes.Array[ctypes.c_uint8], list[int]]:
+def snapshot(llm: ModelContext) -> tuple[ctypes.Array[ctypes.c_uint8], list[int]]:
     """A copy in RAM of the cached positions, and the token ids they hold (KvStateError if
     llama.cpp could not copy them)."""
     size = state_size(llm)
     data = (ctypes.c_uint8 * max(size, 1))()
-    copied = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, data, size, SEQ)
+    copied = lib.llama_state_seq_get_data(llm.ctx, data, size, SEQ)
     if copied != size:
         raise KvStateError("llama.cpp could not copy the KV cache")
-    return data, [int(t) for t in llm.input_ids[: llm.n_tokens]]
+    return data, list(llm.tokens)
 
 
 def restore_snapshot(
-    llm: CountingLlama, data: ctypes.Array[ctypes.c_uint8], tokens: Sequence[int]
+    llm: ModelContext, data: ctypes.Array[ctypes.c_uint8], tokens: Sequence[int]
 ) -> None:
     """Make a snapshot() the cache again, with the bookkeeping the decoder trusts; on failure
     the cache is left empty and KvStateError says so."""
     memory = _memory(llm)
-    llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
-    llm.n_tokens = 0
-    llm._requires_eval = True
-    n = len(tokens)
-    if n > len(llm.input_ids) or not llama_cpp.llama_state_seq_set_data(
-        llm._ctx.ctx, data, len(data), SEQ
-    ):
-        llama_cpp.llama_memory_seq_rm(memory, SEQ, -1, -1)
+    lib.llama_memory_seq_rm(memory, SEQ, -1, -1)
+    llm.tokens = []
+    if len(tokens) > llm.n_ctx or not lib.llama_state_seq_set_data(llm.ctx, data, len(data), SEQ):
+        lib.llama_memory_seq_rm(memory, SEQ, -1, -1)
         raise KvStateError("llama.cpp could not restore the KV cache copy")
-    llm.input_ids[:n] = tokens
-    llm.n_tokens = n
+    llm.tokens = list(tokens)

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import llama_cpp
-
 from wizardchat.engine import ggml, kv_state
 from wizardchat.engine.generate import PieceDecoder, Sampling, TokenStream
+from wizardchat.engine.llama_lib import VERSION, lib
 from wizardchat.engine.model import EvalProgress, LoadPlan, ProgressFn, load
 from wizardchat.engine.model_identity import fingerprint
 from wizardchat.engine.vocab import adds_bos, adds_space_prefix, token_text
@@ -51,12 +50,12 @@ class LlamaEngine:
         self.eos = int(self.llm.token_eos())
         # How llama.cpp tokenizes a whole prompt with this vocabulary (engine/vocab.py), so the
         # history can be, token for token, that tokenization of the prompt as shown.
-        vocab = self.llm._model.vocab
+        vocab = self.llm.vocab
         self.add_bos = adds_bos(vocab)
         self.eos_text = token_text(vocab, self.eos)
         self.space_prefix = adds_space_prefix(vocab)
-        # Never budget past llama-cpp-python's token buffer, whatever llama.cpp padded the KV to.
-        self.n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
+        # The context as planned (padded to 256), whatever llama.cpp padded its KV cache to.
+        self.n_ctx = self.llm.n_ctx
         self.model_name = self.load_plan.path.name
         offload = self.load_plan.offload
         self.fit = offload.fit if offload else None  # the fit model's placement, None when off
@@ -72,7 +71,7 @@ class LlamaEngine:
     def pieces(self, tokens: Sequence[int]) -> list[str]:
         """Each token's text as a reply streams it (a character split over tokens comes with
         its last byte). ValueError for an id outside the vocabulary (llama.cpp would abort)."""
-        n_vocab = self.llm.n_vocab()
+        n_vocab = self.llm.n_vocab
         if any(not 0 <= t < n_vocab for t in tokens):
             raise ValueError("token id outside the vocabulary")
         decoder = PieceDecoder(self.llm)
@@ -100,7 +99,7 @@ class LlamaEngine:
     def set_seed(self, seed: int) -> None:
         """Seed the sampler of the next replies; -1 draws a new random seed for each."""
         self.seed = seed
-        self.llm.set_seed(seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
+        self.llm.seed = seed if seed >= 0 else lib.LLAMA_DEFAULT_SEED
 
     def describe(self) -> list[tuple[str, str]]:
         """What is loaded and where it sits, as (label, value) rows for /show."""
@@ -151,7 +150,7 @@ class LlamaEngine:
                 "type_k": plan.type_k,
                 "type_v": plan.type_v,
                 "flash_attn": plan.flash_attn,
-                "llama_cpp_python": llama_cpp.__version__,
+                "llama_cpp_python": VERSION,
             }
         return dict(self._kv_identity)
 
@@ -167,8 +166,7 @@ class LlamaEngine:
 
     def kv_save(self, path: Path) -> list[int]:
         """Write the cached positions to `path`; return the token ids written (KvStateError)."""
-        n = self.llm.n_tokens
-        tokens = [int(t) for t in self.llm.input_ids[:n]]
+        tokens = list(self.llm.tokens)
         kv_state.save(self.llm, path)
         return tokens
 

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, cast
 
-import llama_cpp
-
+from wizardchat.engine.llama_lib import lib
 from wizardchat.errors import ExitCode
 from wizardchat.safe_text import terminal_safe
 from wizardchat.signals import before_fatal_exit
@@ -33,7 +32,7 @@ class _LogSink:
         self.interrupted = False  # a Ctrl-C landed in this callback (load() re-raises it)
         self._lock = threading.Lock()
         # ctypes must keep the callback object alive for as long as llama.cpp may call it.
-        self.callback = llama_cpp.llama_log_callback(self._write)
+        self.callback = lib.llama_log_callback(self._write)
 
     def _write(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         # An exception cannot cross the C frame: ctypes prints "Exception ignored" and drops
@@ -53,10 +52,13 @@ class _LogSink:
     def attach(self, stream: IO[str] | None) -> None:
         with self._lock:
             self.stream = stream
-        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
+        lib.llama_log_set(self.callback, ctypes.c_void_p(0))
 
 
 sink = _LogSink()  # the one sink: llama.cpp has one log callback per process
+# Until a log is opened, llama.cpp's lines are dropped rather than printed on the terminal
+# (llama.cpp's own default), as llama-cpp-python's quiet logger did.
+sink.attach(None)
 
 
 def route_llama_log(stream: IO[str] | None) -> None:
@@ -164,7 +166,7 @@ _abort_callback = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(_on_abort)  # alive fo
 
 def install_abort_handler() -> None:
     """Route ggml's aborts to `_on_abort` (in the libggml that libllama uses)."""
-    set_callback = llama_cpp.llama_cpp._lib["ggml_set_abort_callback"]
+    set_callback = lib._lib["ggml_set_abort_callback"]
     set_callback.argtypes = [ctypes.c_void_p]
     set_callback.restype = ctypes.c_void_p
     set_callback(ctypes.cast(_abort_callback, ctypes.c_void_p))

@@ -1,21 +1,16 @@
-"""Load a GGUF through llama-cpp-python with wizardchat's defaults, expert placement and logging."""
+"""Load a GGUF through llama.cpp's C API, with wizardchat's defaults, placement and logging."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import io
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import llama_cpp
-import llama_cpp.llama as llama_module
-from llama_cpp import Llama
-
 from wizardchat.engine import ggml
+from wizardchat.engine.context import ModelContext
+from wizardchat.engine.llama_lib import VERSION, lib
 from wizardchat.engine.llama_log import install_abort_handler, route_llama_log, sink
 from wizardchat.engine.offload import Offload, detect_machine, fit_load
 from wizardchat.engine.placement import OverrideArray
@@ -46,81 +41,17 @@ class EvalProgress(Protocol):
 
 def check_binding_layout() -> None:
     """Fail clearly if llama-cpp-python is not the version whose struct layout we fill by hand."""
-    fields = [name for name, _ in llama_cpp.llama_model_params._fields_[:2]]
-    offset = llama_cpp.llama_model_params.tensor_buft_overrides.offset
+    fields = [name for name, _ in lib.llama_model_params._fields_[:2]]
+    offset = lib.llama_model_params.tensor_buft_overrides.offset
     if (
-        llama_cpp.__version__ != LLAMA_CPP_VERSION
+        VERSION != LLAMA_CPP_VERSION
         or fields != ["devices", "tensor_buft_overrides"]
         or offset != ctypes.sizeof(ctypes.c_void_p)
     ):
         raise LoadError(
-            f"llama-cpp-python {llama_cpp.__version__} is installed but wizardchat needs "
+            f"llama-cpp-python {VERSION} is installed but wizardchat needs "
             f"exactly {LLAMA_CPP_VERSION}: pip install llama-cpp-python=={LLAMA_CPP_VERSION}"
         )
-
-
-class CountingLlama(Llama):  # type: ignore[misc]
-    """A Llama that counts the tokens it evaluates, so stats show real prefix-cache reuse.
-
-    Only its loading, tokenizer and KV-cache record (`input_ids[:n_tokens]`) are used: tokens
-    are evaluated by engine/decoder.py, which keeps that record and `evaluated_tokens`.
-    """
-
-    evaluated_tokens: int = 0
-    _metadata: dict[str, str]
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The model's metadata as Llama reads it, without its chat templates."""
-        return self._metadata
-
-    @metadata.setter
-    def metadata(self, value: dict[str, str]) -> None:
-        # Llama.__init__ compiles every chat template it finds in the metadata, and a broken
-        # Jinja template stops the load. wizardchat builds the WizardLM-2 prompt itself and
-        # never uses them, so Llama never sees them.
-        self._metadata = {
-            key: text
-            for key, text in value.items()
-            if not key.startswith("tokenizer.chat_template")
-        }
-
-    def close(self) -> None:
-        decoder = self.__dict__.pop("decoder", None)
-        if decoder is not None:
-            decoder.close()
-        super().close()
-
-
-_params_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _model_params_patch(
-    overrides: OverrideArray, progress: Callable[[float, Any], bool] | None
-) -> Iterator[None]:
-    """Make `Llama.__init__` start from model params that carry our overrides and progress hook.
-
-    Llama builds its params from `llama_model_default_params()` and has no argument for
-    tensor_buft_overrides (upstream PR #2007 is open), so for the duration of one load the
-    default is swapped for one that fills the fields Llama leaves alone.
-    """
-    original = llama_module.llama_cpp.llama_model_default_params
-    callback = llama_cpp.llama_progress_callback(progress) if progress else None
-
-    def defaults_with_overrides() -> Any:
-        params = original()
-        params.tensor_buft_overrides = overrides.address
-        if callback is not None:
-            params.progress_callback = callback
-        return params
-
-    with _params_lock:
-        llama_module.llama_cpp.llama_model_default_params = defaults_with_overrides
-        try:
-            yield
-        finally:
-            llama_module.llama_cpp.llama_model_default_params = original
 
 
 @dataclass(frozen=True)
@@ -212,14 +143,63 @@ class _Progress:
         return True
 
 
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    """llama_backend_init, once per process (llama-cpp-python's Llama did it on first load)."""
+    global _backend_ready
+    if not _backend_ready:
+        lib.llama_backend_init()
+        _backend_ready = True
+
+
+def _model_params(
+    settings: Settings, plan: LoadPlan, overrides: OverrideArray, progress: Any
+) -> Any:
+    """llama_model_params for the plan: layers to offload, expert placement, mmap/mlock."""
+    params = lib.llama_model_default_params()
+    # llama.cpp takes "more layers than the model has" as all of them.
+    params.n_gpu_layers = 0x7FFFFFFF if plan.n_gpu_layers < 0 else plan.n_gpu_layers
+    if settings.mmap and settings.mlock:
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP_MLOCK
+    elif settings.mlock:
+        params.load_mode = lib.LLAMA_LOAD_MODE_MLOCK
+    elif settings.mmap:
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP
+    else:
+        params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+    params.tensor_buft_overrides = overrides.address
+    params.progress_callback = progress
+    return params
+
+
+def _context_params(plan: LoadPlan) -> Any:
+    """llama_context_params for the plan."""
+    params = lib.llama_context_default_params()
+    params.n_ctx = plan.n_ctx
+    params.n_batch = min(plan.n_ctx, plan.batch_size)
+    params.n_ubatch = min(params.n_batch, plan.ubatch_size)
+    params.n_threads = plan.threads
+    params.n_threads_batch = plan.threads  # llama.cpp: -tb defaults to -t
+    params.flash_attn_type = (
+        lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if plan.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.type_k = KV_CACHE_TYPES[plan.type_k]
+    params.type_v = KV_CACHE_TYPES[plan.type_v]
+    params.no_perf = True  # wizardchat times replies itself
+    return params
+
+
 def load(
     settings: Settings,
     overrides: list[Override],
     *,
     progress: ProgressFn | None = None,
     log: IO[str] | None = None,
-) -> tuple[CountingLlama, LoadPlan, GGUFInfo, OverrideArray]:
-    """Check and load the model; return the Llama, its plan, its header and the live overrides."""
+) -> tuple[ModelContext, LoadPlan, GGUFInfo, OverrideArray]:
+    """Check and load the model; return its context, plan, header and the live overrides
+    (the C array the model was loaded with: kept alive as long as the model)."""
     check_binding_layout()
     install_abort_handler()
     path = settings.model_path
@@ -235,42 +215,32 @@ def load(
     plan = plan_load(settings, path, info, overrides)
     override_array = OverrideArray(list(plan.overrides), ggml.buffer_types())
     hook = _Progress(progress)
-    # Llama prints its own chatter to sys.stderr when verbose; keep it in the log with
-    # llama.cpp's lines. verbose=True also stops it from dup2-ing fds 1 and 2 to /dev/null.
-    chatter = log if log is not None else io.StringIO()
+    callback = lib.llama_progress_callback(hook)  # alive until the load returns
     sink.last_error = ""
     sink.interrupted = False
-    try:
-        with _model_params_patch(override_array, hook), contextlib.redirect_stderr(chatter):
-            llm = CountingLlama(
-                model_path=str(path),
-                n_ctx=plan.n_ctx,
-                n_gpu_layers=plan.n_gpu_layers,
-                n_threads=plan.threads,
-                n_threads_batch=plan.threads,  # llama.cpp: -tb defaults to -t
-                n_batch=plan.batch_size,
-                n_ubatch=plan.ubatch_size,
-                flash_attn=plan.flash_attn,
-                type_k=KV_CACHE_TYPES[plan.type_k],
-                type_v=KV_CACHE_TYPES[plan.type_v],
-                use_mlock=settings.mlock,
-                use_mmap=settings.mmap,
-                seed=settings.seed if settings.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-                logits_all=False,
-                verbose=True,
-            )
-    except ValueError as e:
-        if hook.interrupted or sink.interrupted:
-            sink.interrupted = False
-            raise KeyboardInterrupt from None
-        reason = sink.last_error.split(": ", 1)[-1] or str(e)
-        where = getattr(log, "name", "the log")
-        raise LoadError(
-            f"llama.cpp could not load {path.name}: {reason} (details: {where})"
-        ) from None
-    if hook.interrupted or sink.interrupted:  # Ctrl-C after the last progress call
+    _init_backend()
+    model = lib.llama_model_load_from_file(
+        str(path).encode(), _model_params(settings, plan, override_array, callback)
+    )
+    ctx = None
+    if model is not None and not (hook.interrupted or sink.interrupted):
+        ctx = lib.llama_init_from_model(model, _context_params(plan))
+    if hook.interrupted or sink.interrupted:
         sink.interrupted = False
-        llm.close()
+        if ctx is not None:
+            lib.llama_free(ctx)
+        if model is not None:
+            lib.llama_model_free(model)
         raise KeyboardInterrupt
-    llm.verbose = False  # no per-turn "prefix-match hit" prints on stderr
+    if model is None or ctx is None:
+        if model is not None:
+            lib.llama_model_free(model)
+        fallback = "it could not read the model" if model is None else "it made no context"
+        reason = sink.last_error.split(": ", 1)[-1] or fallback
+        where = getattr(log, "name", "the log")
+        raise LoadError(f"llama.cpp could not load {path.name}: {reason} (details: {where})")
+    seed = settings.seed if settings.seed >= 0 else lib.LLAMA_DEFAULT_SEED
+    llm = ModelContext(
+        model, ctx, n_ctx=plan.n_ctx, n_batch=min(plan.n_ctx, plan.batch_size), seed=seed
+    )
     return llm, plan, info, override_array

@@ -157,7 +157,7 @@ class _Api:
     """The ggml backend registry that libllama uses, and the RPC entry points it exposes."""
 
     def __init__(self, backend: str = "RPC") -> None:
-        import llama_cpp.llama_cpp as bindings
+        from wizardchat.engine.llama_lib import lib as bindings
 
         # dlsym through libllama's handle searches libllama's own dependencies: its libggml.
         # `lib[name]` makes a fresh function object, leaving llama_cpp's cached ones alone.

@@ -10,21 +10,19 @@ from __future__ import annotations
 import random
 import time
 
-import llama_cpp
-
+from wizardchat.engine.context import ModelContext
 from wizardchat.engine.decoder import decoder_for
-from wizardchat.engine.model import CountingLlama
+from wizardchat.engine.llama_lib import lib
 
 
 class TokenTimer:
     """Evaluates token ids on the engine's context and times them, llama-bench's way."""
 
-    def __init__(self, llm: CountingLlama, seed: int) -> None:
+    def __init__(self, llm: ModelContext, seed: int) -> None:
         self.llm = llm
         self.decoder = decoder_for(llm)
-        vocab = llm._model.vocab
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.n_vocab = llm.n_vocab
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(llm.vocab))
         self.bos = int(llm.token_bos())
         self.rng = random.Random(seed)
 
@@ -37,12 +35,12 @@ class TokenTimer:
 
     def sync(self) -> None:
         """Wait for the backend to finish (GPU backends return from decode early)."""
-        llama_cpp.llama_synchronize(self.llm._ctx.ctx)
+        lib.llama_synchronize(self.llm.ctx)
 
     def clear(self) -> None:
         """Empty the KV cache and Llama's record of it: the next eval starts at position 0."""
-        self.llm.n_tokens = 0
-        self.llm._ctx.kv_cache_clear()  # llama_memory_clear(mem, data=True)
+        self.llm.tokens = []
+        lib.llama_memory_clear(lib.llama_get_memory(self.llm.ctx), True)
 
     def cut(self, n: int) -> None:
         """Keep only the first `n` positions of the KV cache."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-import llama_cpp
+from wizardchat.engine.llama_lib import lib
 
 
 def adds_bos(vocab: Any) -> bool:
     """Whether llama.cpp puts BOS before a prompt tokenized with this vocabulary."""
-    return bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    return bool(lib.llama_vocab_get_add_bos(vocab))
 
 
 def piece(vocab: Any, token: int, *, special: bool) -> bytes:
@@ -27,7 +27,7 @@ def piece(vocab: Any, token: int, *, special: bool) -> bytes:
     size = 32
     while True:
         buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+        n = lib.llama_token_to_piece(vocab, token, buf, size, 0, special)
         if n >= 0:
             return buf.raw[:n]
         size = -n  # too small: llama.cpp says how much it needs
@@ -42,8 +42,8 @@ def tokenize(vocab: Any, text: str) -> list[int]:
     """`text` tokenized as llama.cpp tokenizes a prompt alone: no BOS, special text kept text."""
     data = text.encode("utf-8")
     n_max = len(data) + 8  # never more tokens than bytes, plus a space prefix
-    out = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), out, n_max, False, False)
+    out = (lib.llama_token * n_max)()
+    n = lib.llama_tokenize(vocab, data, len(data), out, n_max, False, False)
     if n < 0:
         raise ValueError(f"tokenization of {len(data)} bytes gave over {n_max} tokens")
     return list(out[:n])
