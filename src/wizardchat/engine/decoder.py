@@ -72,6 +72,8 @@ class Decoder:
         for i in range(n):  # every token belongs to sequence 0, once and for all
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
+        # The batch's arrays never move: keep pointers to them rather than re-read the fields.
+        self._token, self._position, self._logit = b.token, b.pos, b.logits
         self._token_addr = _address(b.token)
         self._pos_addr = _address(b.pos)
         self._logits_addr = _address(b.logits)
@@ -113,9 +115,9 @@ class Decoder:
     def step(self, token: int) -> None:
         """Evaluate one generated token (the decoding step: logits for it only)."""
         llm, b = self.llm, self._batch
-        b.token[0] = token
-        b.pos[0] = len(llm.tokens)
-        b.logits[0] = 1
+        self._token[0] = token
+        self._position[0] = len(llm.tokens)
+        self._logit[0] = 1
         b.n_tokens = 1
         status = lib.llama_decode(self.ctx, b)
         if status != 0:
