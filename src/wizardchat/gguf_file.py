@@ -23,10 +23,12 @@ SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}  # fmt: skip
+_STRUCTS = {vtype: struct.Struct(fmt) for vtype, fmt in _SCALARS.items()}
 _STRING, _ARRAY = 8, 9
-# Arrays longer than this (the vocabulary) are skipped, not kept: only their length is stored.
+_U32, _U64 = _STRUCTS[4], _STRUCTS[10]
+# Arrays longer than this (the vocabulary, the merges) are read past, not decoded.
 _KEEP_ARRAY_MAX = 64
-# Arrays kept whole whatever their length, because their contents are checked (check_vocabulary).
+# The arrays check_vocabulary looks into; never decoded, whatever their length.
 _TOKENS, _SCORES, _TOKEN_TYPES = (
     "tokenizer.ggml.tokens",
     "tokenizer.ggml.scores",
@@ -35,6 +37,9 @@ _TOKENS, _SCORES, _TOKEN_TYPES = (
 _MAX_STRING = 1 << 24  # a header string longer than 16 MiB is a corrupt length
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ELEMENTS = 1 << 44  # far beyond any real tensor; a larger shape is a corrupt dimension
+# The file is read in blocks, the first this big and each next one twice the last: one read for
+# most headers, and a few for a vocabulary of hundreds of thousands of tokens with its merges.
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -78,11 +83,34 @@ class GGUFInfo:
         return self.data_offset + end
 
 
+@dataclass(frozen=True)
+class SkippedArray:
+    """A metadata array read past without decoding its items (only llama.cpp uses them).
+
+    For the vocabulary's arrays it keeps what check_vocabulary needs, worked out from the raw
+    bytes while they were read.
+    """
+
+    length: int
+    item_type: int
+    distinct: int | None = None  # tokens: how many differ, as llama.cpp's token map keys them
+    bad_type: int | None = None  # token types: the first one outside 0-6, if any
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class _Reader:
+    """The header read sequentially through a buffer: a few large reads, not one per value."""
+
     def __init__(self, f: IO[bytes], path: Path, file_size: int) -> None:
         self.f = f
         self.path = path
         self.file_size = file_size
+        self.buf = b""
+        self.pos = 0  # the next byte to read, in buf
+        self.base = f.tell()  # the file offset of buf[0]
+        self.chunk = _CHUNK
         self.array_types: dict[str, int] = {}  # metadata key -> item type of its array
 
     def corrupt(self, what: str) -> BadModelError:
@@ -91,27 +119,60 @@ class _Reader:
     def truncated(self) -> BadModelError:
         return BadModelError(f"{self.path} is truncated (the header ends early): download it again")
 
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise self.truncated()
-        return data
+    def tell(self) -> int:
+        return self.base + self.pos
 
     def remaining(self) -> int:
-        return self.file_size - self.f.tell()
+        return self.file_size - self.tell()
 
-    def scalar(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+    def need(self, n: int) -> None:
+        """Make the next `n` bytes of the file readable in buf (truncated if it has fewer)."""
+        have = len(self.buf) - self.pos
+        if have >= n:
+            return
+        if n > self.remaining():  # never read the rest of a model for a corrupt length
+            raise self.truncated()
+        data = self.f.read(max(n - have, self.chunk))
+        self.chunk *= 2
+        self.base += self.pos
+        self.buf = self.buf[self.pos :] + data
+        self.pos = 0
+        if len(self.buf) < n:  # the file shrank while read
+            raise self.truncated()
+
+    def take(self, n: int) -> bytes:
+        self.need(n)
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n <= len(self.buf) - self.pos:
+            self.pos += n
+            return
+        if n > self.remaining():
+            raise self.truncated()
+        self.base = self.f.seek(self.tell() + n)
+        self.buf, self.pos = b"", 0
+
+    def scalar(self, unpacker: struct.Struct) -> Any:
+        self.need(unpacker.size)
+        value = unpacker.unpack_from(self.buf, self.pos)[0]
+        self.pos += unpacker.size
+        return value
+
+    def raw_string(self) -> bytes:
+        n = self.scalar(_U64)
+        if n > _MAX_STRING:
+            raise self.corrupt(f"a {n:,}-byte string at byte {self.tell() - 8:,}")
+        return self.take(n)
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        if n > _MAX_STRING:
-            raise self.corrupt(f"a {n:,}-byte string at byte {self.f.tell() - 8:,}")
-        return self.read(n).decode("utf-8", errors="replace")
+        return self.raw_string().decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str) -> Any:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
+        if vtype in _STRUCTS:
+            return self.scalar(_STRUCTS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
@@ -119,42 +180,90 @@ class _Reader:
         raise self.corrupt(f"{_name(key)} has value type {vtype}")
 
     def array(self, key: str) -> Any:
-        item_type = self.scalar("<I")
-        count = self.scalar("<Q")
+        item_type = self.scalar(_U32)
+        count = self.scalar(_U64)
         if item_type not in _SCALARS and item_type != _STRING:
             raise self.corrupt(f"array {_name(key)} has item type {item_type}")
-        item_size = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8
+        item_size = _STRUCTS[item_type].size if item_type in _STRUCTS else 8  # a string: 8 at least
         if count * item_size > self.file_size:  # more than the whole file could hold
             raise self.corrupt(f"array {_name(key)} claims {count:,} items")
         if count * item_size > self.remaining():
             raise self.truncated()
         self.array_types[key] = item_type
-        if count <= _KEEP_ARRAY_MAX or key in (_TOKENS, _TOKEN_TYPES):
-            if item_type in _SCALARS:
-                fmt = _SCALARS[item_type]
-                return list(struct.unpack(f"<{count}{fmt[1]}", self.read(count * item_size)))
-            return [self.string() for _ in range(count)]
-        if item_type in _SCALARS:  # skip fixed-size items in one seek
-            self.f.seek(count * item_size, 1)
-        else:
-            for _ in range(count):
-                self.string()
-        return _SkippedArray(count)
+        vocabulary = key in (_TOKENS, _TOKEN_TYPES, _SCORES)
+        if count <= _KEEP_ARRAY_MAX and not vocabulary:
+            if item_type == _STRING:
+                return [self.string() for _ in range(count)]
+            fmt = _SCALARS[item_type]
+            return list(struct.unpack(f"<{count}{fmt[1]}", self.take(count * item_size)))
+        if item_type == _STRING:
+            words = self.strings(count, keep=key == _TOKENS)
+            distinct = _distinct_tokens(words) if key == _TOKENS else None
+            return SkippedArray(count, item_type, distinct=distinct)
+        if key == _TOKEN_TYPES and item_type in (4, 5):  # int32 (uint32 reads the same)
+            raw = self.take(count * item_size)
+            return SkippedArray(count, item_type, bad_type=_bad_token_type(raw, item_type))
+        self.skip(count * item_size)
+        return SkippedArray(count, item_type)
+
+    def strings(self, count: int, *, keep: bool) -> list[bytes]:
+        """Read past `count` strings, their bytes undecoded (returned when `keep`)."""
+        unpack = _U64.unpack_from
+        words: list[bytes] = []
+        done = 0
+        while done < count:
+            # As many as the buffer holds, in a tight loop; the one that runs past its end (a
+            # next block to read, the header's end, or a corrupt length) goes through
+            # raw_string(), which reads more or says what is wrong.
+            buf, p = self.buf, self.pos
+            limit = len(buf) - 8  # the room for the next string's length
+            stop = done
+            if p <= limit:
+                stop = count
+                for i in range(done, count):
+                    end = p + 8 + unpack(buf, p)[0]
+                    if end > limit:
+                        stop = i
+                        break
+                    if keep:
+                        words.append(buf[p + 8 : end])
+                    p = end
+                self.pos = p
+            if stop < count:
+                word = self.raw_string()
+                if keep:
+                    words.append(word)
+                stop += 1
+            done = stop
+        return words
+
+
+def _distinct_tokens(words: list[bytes]) -> int:
+    """How many of the tokens llama.cpp's map tells apart: by their bytes, an empty one named
+    `[EMPTY_<id>]` (llama-vocab.cpp); two the same make it abort (GGML_ASSERT)."""
+    seen = set(words)
+    if b"" in seen:
+        seen = {w or b"[EMPTY_%d]" % i for i, w in enumerate(words)}
+    return len(seen)
+
+
+_TOKEN_TYPE_MAX = 6  # LLAMA_TOKEN_TYPE_BYTE; 0 (undefined) to 6 are the types there are
+_TOKEN_TYPE_BYTES = bytes(range(_TOKEN_TYPE_MAX + 1))
+
+
+def _bad_token_type(raw: bytes, item_type: int) -> int | None:
+    """The first of these 32-bit token types outside 0-6, or None (the usual answer, found
+    without decoding: each little-endian item is then one byte of 0-6 and three zero bytes)."""
+    low = raw[0::4]
+    if not low.translate(None, _TOKEN_TYPE_BYTES) and raw.count(0) - low.count(0) == 3 * len(low):
+        return None
+    values: tuple[int, ...] = struct.unpack(f"<{len(low)}{_SCALARS[item_type][1]}", raw)
+    return next(v for v in values if not 0 <= v <= _TOKEN_TYPE_MAX)
 
 
 def corrupt_header(path: Path, what: str) -> BadModelError:
     """The error for a header whose values cannot be right (exit 4)."""
     return BadModelError(f"{path}: corrupt header: {what}; download it again")
-
-
-@dataclass(frozen=True)
-class _SkippedArray:
-    """A long metadata array (e.g. the scores) of which only the length is kept."""
-
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
@@ -170,12 +279,12 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
 def _read_tensor(r: _Reader) -> TensorInfo:
     name = r.string()
     label = _name(name)
-    n_dims = r.scalar("<I")
+    n_dims = r.scalar(_U32)
     if not 1 <= n_dims <= _MAX_DIMS:
         raise r.corrupt(f"tensor {label} has {n_dims} dimensions")
-    shape = tuple(r.scalar("<Q") for _ in range(n_dims))
-    ggml_type = r.scalar("<I")
-    offset = r.scalar("<Q")
+    shape = tuple(r.scalar(_U64) for _ in range(n_dims))
+    ggml_type = r.scalar(_U32)
+    offset = r.scalar(_U64)
     if ggml_type not in GGML_TYPES:  # ids ggml removed (4, 5, 31-33, 36-38) or never had
         raise r.corrupt(f"tensor {label} has unknown type {ggml_type}")
     elements = 1
@@ -229,11 +338,11 @@ def read_header(path: Path) -> GGUFInfo:
         file_size = f.seek(0, 2)
         f.seek(4)
         r = _Reader(f, path, file_size)
-        version = r.scalar("<I")
+        version = r.scalar(_U32)
         if version not in (2, 3):
             raise BadModelError(f"{path} is GGUF version {version}; only versions 2 and 3 load")
-        n_tensors = r.scalar("<Q")
-        n_kv = r.scalar("<Q")
+        n_tensors = r.scalar(_U64)
+        n_kv = r.scalar(_U64)
         if n_tensors > 1 << 20 or n_kv > 1 << 20:
             raise r.corrupt(f"{n_tensors:,} tensors and {n_kv:,} metadata keys")
         metadata: dict[str, Any] = {}
@@ -241,7 +350,7 @@ def read_header(path: Path) -> GGUFInfo:
             key = r.string()
             if key in metadata:
                 raise r.corrupt(f"key {_name(key)} appears twice")
-            metadata[key] = r.value(r.scalar("<I"), key)
+            metadata[key] = r.value(r.scalar(_U32), key)
         tensors = []
         names: set[str] = set()
         for _ in range(n_tensors):
@@ -252,7 +361,7 @@ def read_header(path: Path) -> GGUFInfo:
             tensors.append(tensor)
         alignment = _alignment(path, metadata)
         _check_general(path, metadata)
-        pos = f.tell()
+        pos = r.tell()
         data_offset = (pos + alignment - 1) // alignment * alignment
     return GGUFInfo(path, version, metadata, tensors, data_offset, file_size, r.array_types)
 
@@ -327,7 +436,6 @@ def check_hyperparameters(info: GGUFInfo) -> None:
         )
 
 
-_TOKEN_TYPE_MAX = 6  # LLAMA_TOKEN_TYPE_BYTE; 0 (undefined) to 6 are the types there are
 # The ids wizardchat itself uses; llama.cpp ignores other special ids outside the vocabulary.
 _TOKEN_ID_KEYS = ("bos", "eos")
 
@@ -337,14 +445,12 @@ def check_vocabulary(info: GGUFInfo) -> None:
     tokens = info.metadata.get(_TOKENS)
     if tokens is None:
         raise corrupt_header(info.path, f"{_TOKENS} (the vocabulary) is missing")
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not tokens:
+    if not isinstance(tokens, SkippedArray) or tokens.item_type != _STRING or not tokens.length:
         raise corrupt_header(info.path, f"{_TOKENS} is not a list of strings")
     n_vocab = len(tokens)
     for key in (_SCORES, _TOKEN_TYPES):  # llama.cpp indexes them by token id, unchecked
         other = info.metadata.get(key)
-        if other is not None and (
-            not isinstance(other, list | _SkippedArray) or len(other) != n_vocab
-        ):
+        if other is not None and (not isinstance(other, SkippedArray) or len(other) != n_vocab):
             raise corrupt_header(
                 info.path, f"{key} has {_length(other)} entries for {n_vocab} tokens"
             )
@@ -354,11 +460,9 @@ def check_vocabulary(info: GGUFInfo) -> None:
         if item_type is not None and item_type not in item_types:
             raise corrupt_header(info.path, f"{key} has items of type {item_type}, not {what}")
     types = info.metadata.get(_TOKEN_TYPES)
-    if types is not None:
-        bad = [t for t in types if not _is_int(t) or not 0 <= t <= _TOKEN_TYPE_MAX]
-        if bad:
-            raise corrupt_header(info.path, f"{_TOKEN_TYPES} has type {_show(bad[0])}")
-    if len(set(tokens)) != n_vocab:
+    if isinstance(types, SkippedArray) and types.bad_type is not None:
+        raise corrupt_header(info.path, f"{_TOKEN_TYPES} has type {_show(types.bad_type)}")
+    if tokens.distinct != n_vocab:
         raise corrupt_header(info.path, f"{_TOKENS} lists a token twice")
     for name in _TOKEN_ID_KEYS:
         key = f"tokenizer.ggml.{name}_token_id"

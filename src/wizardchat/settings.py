@@ -268,10 +268,6 @@ def _validate(s: Settings) -> None:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read config.toml; a missing file is an empty config, a broken one a UsageError."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
     from wizardchat.inputs import regular_file_problem
 
     try:
@@ -285,6 +281,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    # Imported only for a file there is (most runs have none).
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -33,19 +33,6 @@ wizardchat ask "Why?"            one reply, to stdout
 wizardchat COMMAND -h            the options of one command
 """
 
-app = typer.Typer(
-    name="wizardchat",
-    help="Chat with WizardLM-2 8x22B in your terminal, on llama.cpp.",
-    epilog=TOP_LEVEL_EXAMPLES,
-    cls=Group,
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # typer's rich help costs ~150 ms of start-up
-    # Help as wide as the terminal up to 100 columns (click stops at 80).
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-)
-
 
 def _environment() -> Environment:
     """The Environment main() handed to the app; one from sys when the app is called directly."""
@@ -114,7 +101,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
@@ -127,34 +113,75 @@ def _root(
     STATE.debug = debug
 
 
-def _command(function: Callable[..., None], epilog: str, name: str | None = None) -> None:
-    app.command(name, cls=Command, epilog=epilog)(_guarded(function))
+# Every command and its examples, in the order the top-level help lists them.
+COMMANDS: dict[str, tuple[Callable[..., None], str]] = {
+    "ask": (chat.ask, chat.ASK_EXAMPLES),
+    "run": (chat.run, chat.RUN_EXAMPLES),
+    "pull": (models.pull, models.PULL_EXAMPLES),
+    "models": (models.models, models.MODELS_EXAMPLES),
+    "rm": (models.rm, models.RM_EXAMPLES),
+    "doctor": (machine.doctor, machine.DOCTOR_EXAMPLES),
+    "bench": (machine.bench, machine.BENCH_EXAMPLES),
+    "rpc-worker": (machine.rpc_worker, machine.RPC_WORKER_EXAMPLES),
+    "serve": (serve.serve, serve.SERVE_EXAMPLES),
+    "ps": (serve.ps, serve.PS_EXAMPLES),
+    "stop": (serve.stop, serve.STOP_EXAMPLES),
+}
+GROUPS = ("sessions",)
 
 
-# In the order the top-level help lists them.
-_command(chat.ask, chat.ASK_EXAMPLES)
-_command(chat.run, chat.RUN_EXAMPLES)
-_command(models.pull, models.PULL_EXAMPLES)
-_command(models.models, models.MODELS_EXAMPLES)
-_command(models.rm, models.RM_EXAMPLES)
-_command(machine.doctor, machine.DOCTOR_EXAMPLES)
-_command(machine.bench, machine.BENCH_EXAMPLES)
-_command(machine.rpc_worker, machine.RPC_WORKER_EXAMPLES, name="rpc-worker")
-_command(serve.serve, serve.SERVE_EXAMPLES)
-_command(serve.ps, serve.PS_EXAMPLES)
-_command(serve.stop, serve.STOP_EXAMPLES)
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every command, or with the command `only` alone: typer builds each
+    command it has on every run (~3 ms each), and a run needs just its own."""
+    app = typer.Typer(
+        name="wizardchat",
+        help="Chat with WizardLM-2 8x22B in your terminal, on llama.cpp.",
+        epilog=TOP_LEVEL_EXAMPLES,
+        cls=Group,
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # typer's rich help costs ~150 ms of start-up
+        # Help as wide as the terminal up to 100 columns (click stops at 80).
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+    app.callback()(_root)
+    for name, (function, epilog) in COMMANDS.items():
+        if only in (None, name):
+            app.command(name, cls=Command, epilog=epilog)(_guarded(function))
+    if only in (None, "sessions"):
+        sessions_app = typer.Typer(
+            help="List saved conversations; sessions rm NAME deletes one.",
+            epilog=sessions.SESSIONS_EXAMPLES,
+            cls=Group,
+            no_args_is_help=False,
+            rich_markup_mode=None,
+            context_settings={"help_option_names": ["-h", "--help"]},
+        )
+        app.add_typer(sessions_app, name="sessions")
+        sessions_app.callback(invoke_without_command=True)(_guarded(sessions.sessions))
+        sessions_app.command("rm", cls=Command, epilog=sessions.RM_EXAMPLES)(
+            _guarded(sessions.sessions_rm)
+        )
+    return app
 
-sessions_app = typer.Typer(
-    help="List saved conversations; sessions rm NAME deletes one.",
-    epilog=sessions.SESSIONS_EXAMPLES,
-    cls=Group,
-    no_args_is_help=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(sessions_app, name="sessions")
-sessions_app.callback(invoke_without_command=True)(_guarded(sessions.sessions))
-sessions_app.command("rm", cls=Command, epilog=sessions.RM_EXAMPLES)(_guarded(sessions.sessions_rm))
+
+def __getattr__(name: str) -> typer.Typer:
+    """`app`: the typer app with every command, built when first asked for (tests, tools);
+    a run builds its own (_invoke) and skips this one's 1.5 ms."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["app"] = whole = build_app()
+    return whole
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command `argv` runs when nothing but --debug comes before it, else None (no command,
+    --version, a misplaced option, a typo: the whole app answers those)."""
+    for arg in argv:
+        if arg != "--debug":
+            return arg if arg in COMMANDS or arg in GROUPS else None
+    return None
 
 
 def _invoke(argv: Sequence[str], env: Environment) -> int:
@@ -163,7 +190,7 @@ def _invoke(argv: Sequence[str], env: Environment) -> int:
 
     STATE.debug = False  # each run starts without --debug (tests run several in one process)
     try:
-        code = app(
+        code = build_app(command_named(argv))(
             args=list(argv),
             prog_name="wizardchat",
             standalone_mode=False,

@@ -73,11 +73,11 @@ def ask(
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt: the reply to stdout, the rest to stderr."""
-    from wizardchat import paths
-    from wizardchat.chat.store import SessionStore, check_name
     from wizardchat.inputs import repair_text
 
     if session_name:
+        from wizardchat.chat.store import check_name
+
         check_name(session_name)
 
     piped = "" if env.stdin is None or env.stdin_is_terminal else wiring.read_stdin_text(env)
@@ -85,9 +85,9 @@ def ask(
     if not parts:
         raise UsageError('nothing to ask: give a prompt (wizardchat ask "...") or pipe text in')
     text = "\n\n".join(parts)
-    store = SessionStore(paths.sessions_dir())
-    with contextlib.closing(store):
-        saved = _claim_saved(env, store, session_name, resume=False)
+    with contextlib.ExitStack() as stack:
+        store = _open_store(stack) if session_name else None
+        saved = _claim_saved(env, store, session_name, resume=False) if store else None
         endpoint = wiring.wants_endpoint(env, flags)  # then the session's model is not loaded
         if flags["model"] is None and saved is not None and saved.model_ref and not endpoint:
             flags = {**flags, "model": _session_model(env, saved)}
@@ -96,12 +96,13 @@ def ask(
         )
         choice = wiring.ServerChoice(use=not no_server, target=server, api_key=api_key)
         with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
-            from wizardchat.chat.recording import Recording
             from wizardchat.inputs import check_fits
 
             session.progress = wiring.prompt_progress(env)
             recording = None
-            if session_name:
+            if store is not None and session_name:
+                from wizardchat.chat.recording import Recording
+
                 kv = wiring.kv_cache(env, engine, settings)
                 if saved is not None:
                     recording = _continue_saved(env, session, store, saved, model_ref, kv)
@@ -187,17 +188,18 @@ def run(
     yes: YesOpt = False,
 ) -> None:
     """Chat on a terminal, or answer piped lines (batch mode)."""
-    from wizardchat import paths
-    from wizardchat.chat.store import SessionStore, check_name
-
     if session_name:
+        from wizardchat.chat.store import check_name
+
         check_name(session_name)
     interactive = env.stdin is not None and env.stdin_is_terminal and not jsonl
-    store = SessionStore(paths.sessions_dir())
-    with contextlib.closing(store):  # its claims end with the command, not only the process
+    with contextlib.ExitStack() as stack:
+        # Batch mode without a session saves nothing: no sessions directory, no claim.
+        keeps = interactive or session_name or resume
+        store = _open_store(stack) if keeps else None
         # Read the saved conversation before loading the model: a bad name or file fails fast,
         # and its model is the one to load unless -m says otherwise.
-        saved = _claim_saved(env, store, session_name, resume=resume)
+        saved = _claim_saved(env, store, session_name, resume=resume) if store else None
         endpoint = wiring.wants_endpoint(env, flags)  # then the session's model is not loaded
         if flags["model"] is None and saved is not None and saved.model_ref and not endpoint:
             flags = {**flags, "model": _session_model(env, saved)}
@@ -206,13 +208,14 @@ def run(
         )
         choice = wiring.ServerChoice(use=not no_server, target=server, api_key=api_key)
         with wiring.chat_engine(env, settings, verbose_prompt, choice) as (engine, session):
-            kv = wiring.kv_cache(env, engine, settings)
+            kv = wiring.kv_cache(env, engine, settings) if store else None
             if not interactive:
                 _run_batch(
                     env, session, store, saved, session_name, jsonl=jsonl, resume=resume,
                     model_ref=model_ref, kv=kv,
                 )  # fmt: skip
                 return
+            assert store is not None
             repl = wiring.repl(
                 env, engine, session, store, plain=plain, show_stats=not no_stats,
                 model_ref=model_ref, kv=kv,
@@ -224,6 +227,14 @@ def run(
                 # after a hangup the terminal is gone: no flush errors at exit
                 quiet_broken_pipe(env.stdout)
                 raise typer.Exit(repl.terminated_by)
+
+
+def _open_store(stack: contextlib.ExitStack[bool | None]) -> SessionStore:
+    """The sessions directory, its claims ended with the command (`stack`), not the process."""
+    from wizardchat import paths
+    from wizardchat.chat.store import SessionStore
+
+    return stack.enter_context(contextlib.closing(SessionStore(paths.sessions_dir())))
 
 
 def _claim_saved(
@@ -282,7 +293,7 @@ def _session_model(env: Environment, saved: SavedSession) -> str:
 def _run_batch(
     env: Environment,
     session: ChatSession,
-    store: SessionStore,
+    store: SessionStore | None,
     saved: SavedSession | None,
     session_name: str | None,
     *,
@@ -299,9 +310,9 @@ def _run_batch(
     session.progress = wiring.prompt_progress(env)  # a resumed history can take a while
     recording = None
     model = session.engine.model_name
-    if saved is not None:
+    if store is not None and saved is not None:
         recording = _continue_saved(env, session, store, saved, model_ref, kv)
-    elif session_name or resume:
+    elif store is not None and (session_name or resume):  # store: run() opened it for these
         name = session_name or free_name(store)
         recording = Recording(store, name, model, model_ref=model_ref, kv=kv)
     with Termination(session.cancel) as termination:
@@ -312,7 +323,8 @@ def _run_batch(
         finally:  # the end of input, a signal, an error: the KV state is saved with it
             if job.recording is not None:
                 job.recording.save(session.conversation, leaving=True)
-    if recording is not None and job.recording is not None and store.exists(job.recording.name):
+    # A store is open in batch mode only for a recording (see run).
+    if store is not None and job.recording is not None and store.exists(job.recording.name):
         name = job.recording.name
         env.say(f"saved as '{name}' · {continue_command(store, name, model_ref)} continues it")
     if result.terminated:

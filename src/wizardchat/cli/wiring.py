@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from wizardchat import __version__
 from wizardchat.cli.environment import Environment
@@ -174,10 +174,7 @@ def _attach(env: Environment, settings: Settings, choice: ServerChoice) -> Remot
     """A RemoteEngine of the server to use, or None to load here."""
     if not choice.use:
         return None
-    from wizardchat.engine.reply_data import Sampling
-    from wizardchat.errors import ServerError
     from wizardchat.serve import registry
-    from wizardchat.serve.client import RemoteEngine
 
     assert settings.model_path is not None
     if choice.target:
@@ -187,6 +184,11 @@ def _attach(env: Environment, settings: Settings, choice: ServerChoice) -> Remot
         if not running:
             return None
         entry = running[-1]  # the newest
+    # Only now the client: most chats find no server and load the model here.
+    from wizardchat.engine.reply_data import Sampling
+    from wizardchat.errors import ServerError
+    from wizardchat.serve.client import RemoteEngine
+
     try:
         remote = RemoteEngine(entry, Sampling.of(settings), settings.seed, env.say)
     except ServerError as e:
@@ -252,10 +254,13 @@ def _open_engine(
     env: Environment, settings: Settings, log: IO[str], plan_line: bool
 ) -> LlamaEngine:
     from wizardchat.engine.llama_engine import LlamaEngine
-    from wizardchat.tui.progress import LoadProgress
 
     assert settings.model_path is not None
-    bar = LoadProgress(env.stderr, settings.model_path.name) if env.stderr_is_terminal else None
+    bar = None
+    if env.stderr_is_terminal:
+        from wizardchat.tui.progress import LoadProgress
+
+        bar = LoadProgress(env.stderr, settings.model_path.name)
     try:
         loaded = LlamaEngine(settings, progress=bar, log=log)
     finally:
@@ -288,18 +293,20 @@ def kv_cache(env: Environment, loaded: ChatBackend, settings: Settings) -> KvCac
     from wizardchat import paths
     from wizardchat.chat.kv_cache import KvCache
     from wizardchat.chat.kv_store import GB, KvStore
-    from wizardchat.endpoint.engine import EndpointEngine
 
     store = KvStore(paths.kv_cache_dir(), int(settings.kv_cache_max_gb * GB))
-    assert not isinstance(loaded, EndpointEngine)
-    return KvCache(loaded, store, env.say)
+    # settings.endpoint, returned above, is the only way to an EndpointEngine (chat_engine):
+    # the cast spares every chat importing the HTTP client to check it.
+    return KvCache(cast("LlamaEngine | RemoteEngine", loaded), store, env.say)
 
 
 def prompt_progress(env: Environment) -> PromptProgressLine | None:
     """The prompt's evaluation shown on stderr when it is a terminal; nothing elsewhere."""
+    if not env.stderr_is_terminal:
+        return None
     from wizardchat.tui.progress import PromptProgressLine
 
-    return PromptProgressLine(env.stderr) if env.stderr_is_terminal else None
+    return PromptProgressLine(env.stderr)
 
 
 def _session(
