@@ -838,6 +838,13 @@ def print_report(r: dict[str, Any]) -> None:
             verdict(d_ratio is not None and d_ratio >= GOAL_DECODE),
         ),
         (
+            "same, on one clock (stdout stream, sampling in)",
+            f"{fmt(one['stream_ratio'], '.3f')} ({fmt(t1['wizardchat']['stream_tps'], '.1f')} vs "
+            f"{fmt(t1['llama-completion']['stream_tps'], '.1f')})",
+            f">= {GOAL_DECODE}",
+            verdict(one["stream_ratio"] is not None and one["stream_ratio"] >= GOAL_DECODE),
+        ),
+        (
             "wall to exit, wizardchat / llama-completion",
             f"{fmt(w_ratio, '.3f')} ({fmt(t1['wizardchat']['wall_s'], '.3f')} s vs "
             f"{fmt(t1['llama-completion']['wall_s'], '.3f')} s)",

@@ -34,20 +34,22 @@ class PieceDecoder:
 
     def __init__(self, llm: ModelContext) -> None:
         self._vocab = llm.vocab
-        self._buf = ctypes.create_string_buffer(256)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._size = 256
+        self._buf = ctypes.create_string_buffer(self._size)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
 
     def piece_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (special tokens give b"")."""
-        n = lib.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        n = lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
         if n < 0:  # buffer too small: grow once and retry
-            self._buf = ctypes.create_string_buffer(-n)
-            n = lib.llama_token_to_piece(self._vocab, token, self._buf, -n, 0, False)
-        return self._buf.raw[:n]
+            self._size = -n
+            self._buf = ctypes.create_string_buffer(self._size)
+            n = lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
+        return ctypes.string_at(self._buf, n)  # only the piece, not the whole buffer
 
     def decode(self, token: int) -> str:
         """Text completed by this token (may be '' while a character is still incomplete)."""
-        return self._utf8.decode(self.piece_bytes(token))
+        return self._utf8(self.piece_bytes(token))
 
 
 class PromptAbort:

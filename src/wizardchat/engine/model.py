@@ -39,14 +39,28 @@ class EvalProgress(Protocol):
         """The prompt is evaluated, or its evaluation stopped: the reply comes next."""
 
 
+# The fields of llama.cpp's parameter structs that load() sets.
+MODEL_PARAMS_SET = {"n_gpu_layers", "load_mode", "tensor_buft_overrides", "progress_callback"}
+CONTEXT_PARAMS_SET = {
+    "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "flash_attn_type",
+    "type_k", "type_v", "no_perf",
+}  # fmt: skip
+
+
 def check_binding_layout() -> None:
     """Fail clearly if llama-cpp-python is not the version whose struct layout we fill by hand."""
     fields = [name for name, _ in lib.llama_model_params._fields_[:2]]
     offset = lib.llama_model_params.tensor_buft_overrides.offset
+    # A ctypes Structure takes any attribute: a field that is not there would be set on the
+    # Python object and silently never reach llama.cpp.
+    model_fields = {name for name, _ in lib.llama_model_params._fields_}
+    context_fields = {name for name, _ in lib.llama_context_params._fields_}
     if (
         VERSION != LLAMA_CPP_VERSION
         or fields != ["devices", "tensor_buft_overrides"]
         or offset != ctypes.sizeof(ctypes.c_void_p)
+        or not model_fields >= MODEL_PARAMS_SET
+        or not context_fields >= CONTEXT_PARAMS_SET
     ):
         raise LoadError(
             f"llama-cpp-python {VERSION} is installed but wizardchat needs "
