@@ -18,8 +18,9 @@ GGML_NATIVE, OpenMP): about 13 minutes once on 2 cores, skipped when the binarie
    otherwise). Per tool, medians over runs: wall time to exit and to the 256th token, time to
    the first output byte (stdout read unbuffered, from the process's start), tok/s from stdout
    (first output to last, the same clock for all), decode and prompt tok/s from each tool's own
-   timings (`ask --json`; llama.cpp's `prompt eval time` and `eval time` lines, which leave out
-   sampling) and peak RSS (wait4's ru_maxrss). `ask` runs twice per round: as text (the
+   timings (`ask --json`; llama.cpp's `prompt eval time`, and its `eval time` plus its
+   `sampling time`, timed apart, as wizardchat's decode time includes sampling) and peak RSS
+   (wait4's ru_maxrss). `ask` runs twice per round: as text (the
    timestamps) and with --json (its timings). Goals, wizardchat ÷ llama-completion: decode
    tok/s >= 0.99, wall time to exit <= 1.05.
 2. `wizardchat bench` against `llama-bench`: pp512 and pp2048 (goal >= 0.98), and the per-token
@@ -372,6 +373,8 @@ print(json.dumps({"prompt_tokens": len(prompt), "completion_tokens": count,
 
 PERF_PROMPT = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 PERF_EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
+# Sampling is timed apart from decoding by llama.cpp; wizardchat's decode time includes it.
+PERF_SAMPLING = re.compile(r"\bsampling time =\s*([\d.]+) ms")
 VERBOSE_PROMPT = re.compile(r"--- prompt: (\d+) tokens ---\n(.*)\n--- end of prompt ---", re.S)
 
 
@@ -405,6 +408,8 @@ def parse_completion(p: Proc) -> Reply:
     if pm is None or em is None:
         raise SystemExit("llama-completion printed no 'prompt eval time' and 'eval time' lines")
     p_ms, p_n, e_ms, e_n = float(pm[1]), int(pm[2]), float(em[1]), int(em[2])
+    sm = PERF_SAMPLING.search(p.err)
+    e_ms += float(sm[1]) if sm else 0.0  # decode as wizardchat times it: sampling included
     return Reply(
         text=p.out.decode("utf-8", "replace"),
         prompt_tokens=p_n,
@@ -790,8 +795,9 @@ def print_report(r: dict[str, Any]) -> None:
     table(rows, (*header, "prompt t/s", "RSS MB", "tokens p/g"))
     print(
         "   stream t/s: tokens after the first, first to last byte on stdout, one clock for all;"
-        "\n   decode and prompt t/s: each tool's own timings (llama.cpp's eval time leaves out"
-        "\n   sampling); wizardchat's from its `ask --json` runs, its other figures from `ask`"
+        "\n   decode and prompt t/s: each tool's own timings (llama-completion's decode: its eval"
+        "\n   time plus its sampling time, which it times apart); wizardchat's from its"
+        "\n   `ask --json` runs, its other figures from `ask`"
         "\n   as text; llama-completion's g counts decode runs (the first token is the prompt's)"
     )
     for m in one["mismatches"]:
