@@ -1,7 +1,7 @@
 """What a generated token costs outside llama.cpp: wizardchat's per-token path against
 llama-cpp-python's `Llama.generate`, on the same model, in one process.
 
-    .venv/bin/python benchmarks/per_token.py [--model GGUF] [--tokens N] [--rounds N]
+    .venv/bin/python benchmarks/per_token.py [--model GGUF] [--tokens N] [--rounds N] [--no-depth]
 
 Whole-run timings on a shared 2-core machine move by 5-10 % from one run to the next, which
 hides a per-token difference of 1 %. This measures the difference directly: `llama_decode` and
@@ -9,6 +9,11 @@ hides a per-token difference of 1 %. This measures the difference directly: `lla
 looked up on the bindings module at each call), and what remains of each token's time is the
 Python work around llama.cpp: batch filling, bookkeeping, detokenizing, the generator. Rounds
 alternate between the two paths; medians are printed, per token, in microseconds.
+
+Then the depth: the per-token cost with 100 and with 4000 tokens in the KV cache, through
+wizardchat's path (the whole token) and inside llama.cpp (its decode and sampling alone), in the
+same runs. llama.cpp's own cost grows with the depth; the growth of wizardchat's whole token
+must equal it within 5 %, which holds when wizardchat's own work per token does not grow.
 
 The model defaults to SmolLM2-135M-Instruct Q4_1 from benchmarks/peers.py's cache (run that
 once, or `peers.py --prepare-only`), else pass --model.
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-depth", action="store_true", help="skip the depth comparison")
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}: run benchmarks/peers.py --prepare-only")
@@ -157,6 +163,53 @@ def main() -> None:
     print(
         f"wizardchat's work outside llama.cpp is {outside['wizardchat']:.0f} us a token, "
         f"llama-cpp-python's {outside['llama-cpp-python']:.0f} us"
+    )
+    if not args.no_depth:
+        depth_growth(args)
+
+
+def depth_growth(args: argparse.Namespace) -> None:
+    """Per-token cost at depth 100 and 4000: wizardchat's whole token against llama.cpp's part."""
+    flags = {
+        "model": str(args.model),
+        "ctx_size": 4352,
+        "threads": args.threads,
+        "temperature": 0.0,
+        "flash_attn": "on",
+        "seed": 0,
+    }
+    engine = LlamaEngine(
+        load_settings(flags, config_path=Path("/nonexistent"), environ={}),
+        progress=None,
+        log=io.StringIO(),
+    )
+    text = engine.llm.tokenize(b" The lighthouse keeper counted the ships again.", add_bos=False)
+    n_gen = 128
+    clock = Clock()
+    restore = [clock.wrap("llama_decode"), clock.wrap("llama_sampler_sample")]
+    costs: dict[int, list[tuple[float, float]]] = {100: [], 4000: []}
+    try:
+        for _ in range(max(args.rounds // 2, 2)):
+            for depth in costs:
+                prompt = (text * (depth // len(text) + 1))[:depth]
+                engine.kv_keep(0)
+                stream = TokenStream(engine.llm, prompt, engine.sampling, n_gen, threading.Event())
+                costs[depth].append(measure(iter(stream), clock, n_gen))
+    finally:
+        for undo in restore:
+            undo()
+        engine.close()
+    total = {d: statistics.median(t for t, _ in runs) for d, runs in costs.items()}
+    inside = {d: statistics.median(i for _, i in runs) for d, runs in costs.items()}
+    ours, theirs = total[4000] / total[100], inside[4000] / inside[100]
+    print(f"depth: per-token cost at 4000 / at 100, {n_gen} tokens each, same runs")
+    for d in costs:
+        whole, part = total[d] * 1e3, inside[d] * 1e3
+        print(f"  d{d:<5} whole token {whole:7.3f} ms, inside llama.cpp {part:7.3f} ms")
+    verdict = "PASS" if abs(ours / theirs - 1) <= 0.05 else "MISS"
+    print(
+        f"growth: wizardchat {ours:.3f}, llama.cpp {theirs:.3f}, ratio {ours / theirs:.3f} "
+        f"(goal 1 +- 0.05): {verdict}"
     )
 
 

@@ -254,7 +254,7 @@ def load(
         where = getattr(log, "name", "the log")
         raise LoadError(f"llama.cpp could not load {path.name}: {reason} (details: {where})")
     seed = settings.seed if settings.seed >= 0 else lib.LLAMA_DEFAULT_SEED
-    llm = ModelContext(
-        model, ctx, n_ctx=plan.n_ctx, n_batch=min(plan.n_ctx, plan.batch_size), seed=seed
-    )
+    # Budget the context as planned, never past the KV cache llama.cpp made.
+    n_ctx = min(plan.n_ctx, int(lib.llama_n_ctx(ctx)))
+    llm = ModelContext(model, ctx, n_ctx=n_ctx, n_batch=min(n_ctx, plan.batch_size), seed=seed)
     return llm, plan, info, override_array
