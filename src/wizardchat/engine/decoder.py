@@ -84,7 +84,11 @@ class Decoder:
 
     def keep(self, n_tokens: int) -> None:
         """Drop every cached position from `n_tokens` on (the next tokens go there)."""
-        lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx), 0, n_tokens, -1)
+        memory = lib.llama_get_memory(self.ctx)
+        if not lib.llama_memory_seq_rm(memory, 0, n_tokens, -1):
+            # A recurrent model's state cannot lose only its last positions: start over.
+            lib.llama_memory_clear(memory, True)
+            n_tokens = 0
         del self.llm.tokens[n_tokens:]
 
     def evaluate(self, tokens: Sequence[int], progress: EvalProgress | None = None) -> None:

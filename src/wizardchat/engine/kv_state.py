@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wizardchat.engine.context import ModelContext
-from wizardchat.engine.decoder import held_prefix
+from wizardchat.engine.decoder import decoder_for, held_prefix
 from wizardchat.engine.llama_lib import lib
 from wizardchat.errors import KvStateError
 
@@ -34,8 +34,7 @@ def _memory(llm: ModelContext) -> lib.llama_memory_t:
 def trim(llm: ModelContext, n_tokens: int) -> None:
     """Keep only the first `n_tokens` cached positions (what the next reply would drop anyway)."""
     if n_tokens < llm.n_tokens:
-        lib.llama_memory_seq_rm(_memory(llm), SEQ, n_tokens, -1)
-        del llm.tokens[n_tokens:]
+        decoder_for(llm).keep(n_tokens)
 
 
 def state_size(llm: ModelContext) -> int:
