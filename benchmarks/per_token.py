@@ -79,6 +79,20 @@ def measure(tokens: Iterator[Any], clock: Clock, n: int) -> tuple[float, float]:
     return total / per, (clock.inside - inside) / per
 
 
+def load_engine(args: argparse.Namespace, ctx_size: int) -> LlamaEngine:
+    """wizardchat's engine on the model: greedy, flash attention, the given context."""
+    flags = {
+        "model": str(args.model),
+        "ctx_size": ctx_size,
+        "threads": args.threads,
+        "temperature": 0.0,
+        "flash_attn": "on",
+        "seed": 0,
+    }
+    settings = load_settings(flags, config_path=Path("/nonexistent"), environ={})
+    return LlamaEngine(settings, progress=None, log=io.StringIO())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -92,19 +106,7 @@ def main() -> None:
 
     import llama_cpp  # the peer; imported here so wizardchat's own path loaded without it
 
-    flags = {
-        "model": str(args.model),
-        "ctx_size": 2048,
-        "threads": args.threads,
-        "temperature": 0.0,
-        "flash_attn": "on",
-        "seed": 0,
-    }
-    engine = LlamaEngine(
-        load_settings(flags, config_path=Path("/nonexistent"), environ={}),
-        progress=None,
-        log=io.StringIO(),
-    )
+    engine = load_engine(args, 2048)
     plan = engine.load_plan
     peer = llama_cpp.Llama(
         str(args.model),
@@ -170,19 +172,7 @@ def main() -> None:
 
 def depth_growth(args: argparse.Namespace) -> None:
     """Per-token cost at depth 100 and 4000: wizardchat's whole token against llama.cpp's part."""
-    flags = {
-        "model": str(args.model),
-        "ctx_size": 4352,
-        "threads": args.threads,
-        "temperature": 0.0,
-        "flash_attn": "on",
-        "seed": 0,
-    }
-    engine = LlamaEngine(
-        load_settings(flags, config_path=Path("/nonexistent"), environ={}),
-        progress=None,
-        log=io.StringIO(),
-    )
+    engine = load_engine(args, 4352)  # depth 4000 and the reply
     text = engine.llm.tokenize(b" The lighthouse keeper counted the ships again.", add_bos=False)
     n_gen = 128
     clock = Clock()
