@@ -67,19 +67,21 @@ class ModelContext:
             n = lib.llama_tokenize(self.vocab, text, len(text), out, room, add_bos, special)
         return list(out[:n])
 
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """One token's bytes as llama.cpp writes it (`special`: control tokens as their text)."""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # too small: llama.cpp says how much it needs
+
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         """The bytes of `tokens` (`special`: control tokens written as their text), as
         llama-cpp-python's detokenize gives them: after a leading BOS, the space prefix of
         the first word is not text."""
-        buf = ctypes.create_string_buffer(64)
-        parts: list[bytes] = []
-        for token in tokens:
-            n = lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-            parts.append(buf.raw[:n])
-        out = b"".join(parts)
+        out = b"".join(self.piece(token, special) for token in tokens)
         if tokens and tokens[0] == self.token_bos() and out.startswith(b" "):
             return out[1:]
         return out

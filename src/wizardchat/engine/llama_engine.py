@@ -50,10 +50,9 @@ class LlamaEngine:
         self.eos = int(self.llm.token_eos())
         # How llama.cpp tokenizes a whole prompt with this vocabulary (engine/vocab.py), so the
         # history can be, token for token, that tokenization of the prompt as shown.
-        vocab = self.llm.vocab
-        self.add_bos = adds_bos(vocab)
-        self.eos_text = token_text(vocab, self.eos)
-        self.space_prefix = adds_space_prefix(vocab)
+        self.add_bos = adds_bos(self.llm)
+        self.eos_text = token_text(self.llm, self.eos)
+        self.space_prefix = adds_space_prefix(self.llm)
         # The context as planned (padded to 256), whatever llama.cpp padded its KV cache to.
         self.n_ctx = self.llm.n_ctx
         self.model_name = self.load_plan.path.name

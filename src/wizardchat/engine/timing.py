@@ -13,6 +13,7 @@ import time
 from wizardchat.engine.context import ModelContext
 from wizardchat.engine.decoder import decoder_for
 from wizardchat.engine.llama_lib import lib
+from wizardchat.engine.vocab import adds_bos
 
 
 class TokenTimer:
@@ -22,7 +23,7 @@ class TokenTimer:
         self.llm = llm
         self.decoder = decoder_for(llm)
         self.n_vocab = llm.n_vocab
-        self.add_bos = bool(lib.llama_vocab_get_add_bos(llm.vocab))
+        self.add_bos = adds_bos(llm)
         self.bos = int(llm.token_bos())
         self.rng = random.Random(seed)
 

@@ -11,49 +11,24 @@ the prompt as it is shown.
 
 from __future__ import annotations
 
-import ctypes
-from typing import Any
-
+from wizardchat.engine.context import ModelContext
 from wizardchat.engine.llama_lib import lib
 
 
-def adds_bos(vocab: Any) -> bool:
+def adds_bos(llm: ModelContext) -> bool:
     """Whether llama.cpp puts BOS before a prompt tokenized with this vocabulary."""
-    return bool(lib.llama_vocab_get_add_bos(vocab))
+    return bool(lib.llama_vocab_get_add_bos(llm.vocab))
 
 
-def piece(vocab: Any, token: int, *, special: bool) -> bytes:
-    """A token's bytes as llama.cpp writes it (`special`: control tokens as their text)."""
-    size = 32
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = lib.llama_token_to_piece(vocab, token, buf, size, 0, special)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n  # too small: llama.cpp says how much it needs
-
-
-def token_text(vocab: Any, token: int) -> str:
+def token_text(llm: ModelContext, token: int) -> str:
     """A special token's text (`</s>`, `<|im_end|>`): what a prompt writes for it."""
-    return piece(vocab, token, special=True).decode("utf-8", errors="replace")
+    return llm.piece(token, special=True).decode("utf-8", errors="replace")
 
 
-def tokenize(vocab: Any, text: str) -> list[int]:
-    """`text` tokenized as llama.cpp tokenizes a prompt alone: no BOS, special text kept text."""
-    data = text.encode("utf-8")
-    n_max = len(data) + 8  # never more tokens than bytes, plus a space prefix
-    out = (lib.llama_token * n_max)()
-    n = lib.llama_tokenize(vocab, data, len(data), out, n_max, False, False)
-    if n < 0:
-        raise ValueError(f"tokenization of {len(data)} bytes gave over {n_max} tokens")
-    return list(out[:n])
-
-
-def adds_space_prefix(vocab: Any) -> bool:
+def adds_space_prefix(llm: ModelContext) -> bool:
     """Whether llama.cpp puts a space before a fragment that starts a prompt or follows a
     special token: found by tokenizing `a` and reading back what the tokens spell.
 
     The C API does not expose the vocabulary's add_space_prefix, and the GGUF key may be
     absent (llama.cpp's default for the tokenizer applies): the tokenizer itself says it."""
-    spelled = b"".join(piece(vocab, t, special=False) for t in tokenize(vocab, "a"))
-    return spelled == b" a"
+    return llm.detokenize(llm.tokenize(b"a", add_bos=False)) == b" a"
